@@ -1,0 +1,412 @@
+"""Jobs core: submit, lease, checkpoint, finish, cancel and reap.
+
+The ``jobs`` row is the source of truth. Its life:
+
+* ``submit`` inserts the row (PENDING), commits, then publishes the task whose id and only
+  argument is the job id. A failed publish leaves the row PENDING and unpublished: the
+  caller answers 503 and the reaper publishes it later, so nothing is silently lost.
+* A worker ``acquire_lease``: one UPDATE that bumps the fencing token and the attempt count
+  only if nobody holds a live lease. A second delivery of a running job gets nothing and
+  backs off. ``checkpoint`` and ``finish`` only write while the caller's token is current.
+* ``cancel`` marks PENDING jobs REVOKED (a later delivery sees that and does nothing) and
+  asks running ones to stop at their next checkpoint.
+* ``reap_stale_jobs`` republishes PENDING jobs nobody picked up and jobs whose lease lapsed
+  (worker died); after ``max_attempts`` starts the job fails with ``worker_lost``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from shared.models import ACTIVE_STATES, FINISHED_STATES, Job, JobState
+from shared.queue import KINDS, Publisher, PublishError
+
+log = logging.getLogger(__name__)
+
+
+class JobError(Exception):
+    """Base for jobs-core refusals; web maps each to a status."""
+
+
+class IdempotencyMismatch(JobError):
+    """The Idempotency-Key was used before with a different request."""
+
+
+class JobFinished(JobError):
+    """The job already ended; it cannot be cancelled."""
+
+
+class LeaseLost(JobError):
+    """Another delivery took the job over; the holder must stop without writing."""
+
+
+class JobCancelled(JobError):
+    """A cancel was requested; the task stops at this checkpoint."""
+
+
+def fingerprint(kind: str, params: dict[str, Any]) -> str:
+    """A stable digest of what was asked, to tell a replay from a different request."""
+    canonical = json.dumps({"kind": kind, "params": params}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass
+class Submitted:
+    job: Job
+    created: bool  # False: an Idempotency-Key replay returned an existing job
+    published: bool
+
+
+def submit(
+    session: Session,
+    publisher: Publisher,
+    kind: str,
+    params: dict[str, Any],
+    owner: str,
+    idempotency_key: str | None = None,
+    *,
+    max_attempts: int = 3,
+    headers: dict[str, str] | None = None,
+) -> Submitted:
+    """Record a job, commit, then publish it.
+
+    With an ``idempotency_key``, concurrent and repeated submissions by one owner resolve to
+    one row (INSERT … ON CONFLICT DO NOTHING, then read the winner). A replay of a job whose
+    publish failed tries to publish it again. Raises IdempotencyMismatch when the key was
+    used with a different request, PublishError when the broker refused (the row is kept).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown job kind {kind!r}")
+    digest = fingerprint(kind, params)
+    job_id = uuid.uuid4()
+    values = {
+        "id": job_id,
+        "kind": kind,
+        "queue": KINDS[kind].queue,
+        "state": JobState.PENDING.value,
+        "owner": owner,
+        "params": params,
+        "idempotency_key": idempotency_key,
+        "request_fingerprint": digest,
+        "max_attempts": max_attempts,
+        "attempts": 0,
+        "publish_count": 0,
+        "cancel_requested": False,
+        "lease_token": 0,
+    }
+    stmt = insert(Job).values(**values)
+    if idempotency_key is not None:
+        stmt = stmt.on_conflict_do_nothing(constraint="uq_jobs_owner_idempotency_key")
+    inserted = session.execute(stmt.returning(Job.id)).scalar_one_or_none()
+    session.commit()
+    created = inserted is not None
+    if not created:
+        existing = session.scalar(
+            select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key)
+        )
+        assert existing is not None  # the conflicting row is committed: we waited on it
+        if existing.kind != kind or existing.request_fingerprint != digest:
+            raise IdempotencyMismatch(
+                "this Idempotency-Key was already used with a different request"
+            )
+        job = existing
+        if job.published_at is not None or job.state != JobState.PENDING:
+            return Submitted(job, created=False, published=True)
+    else:
+        job = session.get_one(Job, job_id)
+    publish_job(session, publisher, job, headers=headers)
+    return Submitted(job, created=created, published=True)
+
+
+def publish_job(
+    session: Session, publisher: Publisher, job: Job, headers: dict[str, str] | None = None
+) -> None:
+    """Publish ``job``'s task and record when; PublishError leaves the row for the reaper."""
+    publisher.publish(job.kind, str(job.id), headers=headers)
+    session.execute(
+        update(Job)
+        .where(Job.id == job.id)
+        .values(published_at=func.now(), publish_count=Job.publish_count + 1)
+    )
+    session.commit()
+    session.refresh(job)
+
+
+def get_job(session: Session, job_id: uuid.UUID, owner: str | None = None) -> Job | None:
+    """The job, or None when unknown or (with ``owner``) someone else's."""
+    job = session.get(Job, job_id)
+    if job is None or (owner is not None and job.owner != owner):
+        return None
+    return job
+
+
+def cancel(session: Session, publisher: Publisher, job: Job) -> Job:
+    """Cancel: PENDING → REVOKED now; running → stops at its next checkpoint."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.state.in_([JobState.PENDING, JobState.RETRY]))
+        .values(
+            state=JobState.REVOKED.value,
+            cancel_requested=True,
+            finished_at=func.now(),
+            error={"code": "cancelled", "message": "cancelled before it started"},
+        )
+        .returning(Job.id)
+    ).scalar_one_or_none()
+    if result is None:
+        flagged = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.state.in_([JobState.STARTED, JobState.PROGRESS]))
+            .values(cancel_requested=True)
+            .returning(Job.id)
+        ).scalar_one_or_none()
+        if flagged is None:
+            session.rollback()
+            raise JobFinished(f"job {job.id} already finished")
+    session.commit()
+    publisher.revoke(str(job.id))
+    session.refresh(job)
+    return job
+
+
+# --- worker side -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lease:
+    job_id: uuid.UUID
+    token: int
+    holder: str
+    attempt: int
+
+
+def acquire_lease(session: Session, job_id: uuid.UUID, holder: str, ttl_s: int) -> Lease | None:
+    """Take the job if it is active and nobody holds a live lease; None means back off.
+
+    The attempt count rises with every acquisition, so a job whose workers keep dying
+    (redelivered by ``task_reject_on_worker_lost``) ends with ``worker_lost`` instead of
+    looping: see ``fail_if_exhausted``.
+    """
+    now = func.now()
+    row = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.state.in_([s.value for s in ACTIVE_STATES]),
+            Job.cancel_requested.is_(False),
+            or_(Job.locked_by.is_(None), Job.lease_expires_at < now),
+        )
+        .values(
+            locked_by=holder,
+            lease_token=Job.lease_token + 1,
+            lease_expires_at=now + timedelta(seconds=ttl_s),
+            heartbeat_at=now,
+            attempts=Job.attempts + 1,
+            state=JobState.STARTED.value,
+            started_at=func.coalesce(Job.started_at, now),
+        )
+        .returning(Job.lease_token, Job.attempts, Job.max_attempts)
+    ).one_or_none()
+    session.commit()
+    if row is None:
+        return None
+    token, attempts, max_attempts = row
+    lease = Lease(job_id=job_id, token=token, holder=holder, attempt=attempts)
+    if attempts > max_attempts:
+        finish(
+            session,
+            lease,
+            JobState.FAILURE,
+            error={
+                "code": "worker_lost",
+                "message": f"gave up after {max_attempts} attempts whose workers died",
+            },
+        )
+        return None
+    return lease
+
+
+def progress_payload(
+    done: int, total: int | None, started_at: datetime | None, message: str = ""
+) -> dict[str, Any]:
+    """``done``, ``total``, ``percent``, ``eta_seconds`` and ``message`` for the API."""
+    percent = None
+    eta = None
+    if total:
+        percent = round(min(100.0, 100.0 * done / total), 1)
+        if started_at is not None and done > 0:
+            elapsed = (datetime.now(UTC) - started_at).total_seconds()
+            eta = max(0.0, round(elapsed * (total - done) / done, 1))
+            if not math.isfinite(eta):
+                eta = None
+    return {
+        "done": done,
+        "total": total,
+        "percent": percent,
+        "eta_seconds": eta,
+        "message": message,
+    }
+
+
+def checkpoint(
+    session: Session,
+    lease: Lease,
+    ttl_s: int,
+    progress: dict[str, Any] | None = None,
+    *,
+    commit: bool = True,
+) -> None:
+    """Renew the lease and record progress in the caller's transaction.
+
+    Raises LeaseLost when another delivery holds the job now, JobCancelled when a cancel
+    was requested. With ``commit=False`` the caller commits, so a chunk of work and its
+    checkpoint land in one transaction.
+    """
+    values: dict[str, Any] = {
+        "lease_expires_at": func.now() + timedelta(seconds=ttl_s),
+        "heartbeat_at": func.now(),
+    }
+    if progress is not None:
+        values["progress"] = progress
+        values["state"] = JobState.PROGRESS.value
+    row = session.execute(
+        update(Job)
+        .where(
+            Job.id == lease.job_id, Job.lease_token == lease.token, Job.locked_by == lease.holder
+        )
+        .values(**values)
+        .returning(Job.cancel_requested)
+    ).one_or_none()
+    if row is None:
+        session.rollback()
+        raise LeaseLost(f"job {lease.job_id}: lease {lease.token} is no longer current")
+    if row[0]:
+        session.rollback()
+        raise JobCancelled(f"job {lease.job_id} was cancelled")
+    if commit:
+        session.commit()
+
+
+def finish(
+    session: Session,
+    lease: Lease,
+    state: JobState,
+    *,
+    result: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+) -> bool:
+    """End the job if the lease is still ours; returns False when it was lost."""
+    assert state in FINISHED_STATES
+    row = session.execute(
+        update(Job)
+        .where(Job.id == lease.job_id, Job.lease_token == lease.token)
+        .values(
+            state=state.value,
+            result=result,
+            error=error,
+            finished_at=func.now(),
+            locked_by=None,
+            lease_expires_at=None,
+        )
+        .returning(Job.id)
+    ).scalar_one_or_none()
+    session.commit()
+    return row is not None
+
+
+def reap_stale_jobs(
+    session: Session,
+    publisher: Publisher,
+    *,
+    republish_after_s: float,
+    limit: int = 500,
+) -> dict[str, int]:
+    """Republish lost work; returns counts of what it did.
+
+    * PENDING/RETRY jobs never published, or published longer ago than
+      ``republish_after_s`` without being picked up (Redis flushed, message lost).
+    * Running jobs whose lease expired (worker killed): back to RETRY and republished,
+      or FAILURE ``worker_lost`` when their attempts are used up.
+
+    A duplicate message is harmless: the lease lets only one delivery run the job.
+    """
+    now = datetime.now(UTC)
+    cutoff = now - timedelta(seconds=republish_after_s)
+    exhausted = session.execute(
+        update(Job)
+        .where(
+            Job.state.in_([JobState.STARTED.value, JobState.PROGRESS.value]),
+            Job.lease_expires_at < func.now(),
+            Job.attempts >= Job.max_attempts,
+        )
+        .values(
+            state=JobState.FAILURE.value,
+            finished_at=func.now(),
+            locked_by=None,
+            error={"code": "worker_lost", "message": "the worker running this job stopped"},
+        )
+        .returning(Job.id)
+    ).all()
+    cancelled = session.execute(
+        update(Job)
+        .where(
+            Job.state.in_([JobState.STARTED.value, JobState.PROGRESS.value]),
+            Job.lease_expires_at < func.now(),
+            Job.cancel_requested.is_(True),
+        )
+        .values(
+            state=JobState.REVOKED.value,
+            finished_at=func.now(),
+            locked_by=None,
+            error={"code": "cancelled", "message": "cancelled; its worker had stopped"},
+        )
+        .returning(Job.id)
+    ).all()
+    session.commit()
+    candidates = list(
+        session.scalars(
+            select(Job)
+            .where(
+                or_(
+                    and_(
+                        Job.state.in_([JobState.PENDING.value, JobState.RETRY.value]),
+                        Job.cancel_requested.is_(False),
+                        or_(Job.published_at.is_(None), Job.published_at < cutoff),
+                    ),
+                    and_(
+                        Job.state.in_([JobState.STARTED.value, JobState.PROGRESS.value]),
+                        Job.lease_expires_at < func.now(),
+                    ),
+                )
+            )
+            .order_by(Job.created_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    )
+    republished = 0
+    for job in candidates:
+        if job.state in (JobState.STARTED, JobState.PROGRESS):
+            job.state = JobState.RETRY.value
+            job.locked_by = None
+        try:
+            publisher.publish(job.kind, str(job.id))
+        except PublishError:
+            log.warning("reaper could not publish", extra={"job_id": str(job.id)})
+            break
+        job.published_at = now
+        job.publish_count += 1
+        republished += 1
+    session.commit()
+    return {"failed": len(exhausted), "cancelled": len(cancelled), "republished": republished}

@@ -1,0 +1,97 @@
+"""Structured logs: one JSON object a line, with request_id / job_id / task_id when known.
+
+stdlib logging is the single pipe (Celery, gunicorn, werkzeug and our code all log through
+it); structlog's ProcessorFormatter renders every record as JSON and merges the context
+variables bound by ``bind_context`` (request id in web, job and task id in worker).
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import structlog
+
+from shared.settings import Settings
+
+# Keys that must never reach a log line, whatever a caller passes as ``extra``.
+_REDACT = frozenset({"authorization", "token", "password", "secret", "pepper", "cookie"})
+
+
+def _redact(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    for key in list(event_dict):
+        if any(word in key.lower() for word in _REDACT):
+            event_dict[key] = "[redacted]"
+    return event_dict
+
+
+def _extra_fields(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """Carry stdlib ``extra={...}`` fields into the JSON object."""
+    record: logging.LogRecord | None = event_dict.get("_record")
+    if record is not None:
+        for key, value in record.__dict__.items():
+            if key not in _STD_ATTRS and not key.startswith("_") and key not in event_dict:
+                event_dict[key] = value
+    return event_dict
+
+
+_STD_ATTRS = frozenset(
+    logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys()
+    | {"message", "asctime", "color_message"}
+)
+
+
+def configure_logging(settings: Settings, process: str) -> None:
+    """Route every logger to stderr as JSON lines tagged with the process kind."""
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _extra_fields,
+        _redact,
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer(default=str)
+        if settings.log_json
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(process=process)
+    structlog.configure(
+        processors=[
+            structlog.stdlib.add_logger_name,
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+
+
+@contextmanager
+def bind_context(**values: str | None) -> Iterator[None]:
+    """Add fields (job_id, task_id, request_id) to every log line inside the block."""
+    present = {k: v for k, v in values.items() if v is not None}
+    tokens = structlog.contextvars.bind_contextvars(**present)
+    try:
+        yield
+    finally:
+        structlog.contextvars.reset_contextvars(**tokens)

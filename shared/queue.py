@@ -1,0 +1,129 @@
+"""Celery wiring both sides share: configuration, task names, and publishing by name.
+
+Task names are the wire protocol between web and worker; messages outlive refactors,
+so they are explicit and stable. Web never imports ``worker``: it publishes by name here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+from kombu.entity import Queue
+
+from shared.settings import Settings
+
+QUEUES = ("default", "imports", "deployments")
+
+
+@dataclass(frozen=True)
+class TaskRoute:
+    name: str
+    queue: str
+
+
+# kind → the task that runs it. Adding a kind means adding its task in worker/.
+KINDS: dict[str, TaskRoute] = {
+    "canary": TaskRoute("conveyor.canary.run", "default"),
+    "import": TaskRoute("conveyor.imports.run", "imports"),
+    "deployment": TaskRoute("conveyor.deployments.run", "deployments"),
+}
+REAP_TASK = "conveyor.maintenance.reap"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The one place reliability options are set, for web (publishing) and worker alike."""
+    transport = {
+        # A task slice must finish well inside this, or Redis redelivers it to another
+        # worker while it still runs (kombu's Redis transport restores unacked messages
+        # after visibility_timeout). Slices are job_slice_s; the lease fences the rest.
+        "visibility_timeout": settings.broker_visibility_timeout_s,
+        # Bounded socket waits: publishing while Redis is down fails fast, never hangs.
+        "socket_timeout": settings.redis_socket_timeout_s,
+        "socket_connect_timeout": settings.redis_socket_timeout_s,
+        "retry_on_timeout": False,
+        "health_check_interval": 25,
+    }
+    return {
+        "broker_url": settings.redis_url,
+        "broker_transport_options": transport,
+        "broker_connection_timeout": settings.redis_socket_timeout_s,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        # JSON only: a pickle payload on the broker is remote code execution.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # The job row is the source of truth for status and results.
+        "task_ignore_result": True,
+        "result_backend": None,
+        # At-least-once: ack after the task ran; a killed worker's task is redelivered.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": "default",
+        "task_queues": [Queue(q, routing_key=q) for q in QUEUES],  # type: ignore[no-untyped-call]
+        "task_routes": {route.name: {"queue": route.queue} for route in KINDS.values()}
+        | {REAP_TASK: {"queue": "default"}},
+        "task_publish_retry_policy": {
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.5,
+            "interval_max": 1,
+        },
+        # Events on, so Flower (and the exporter) see tasks and workers.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "timezone": "UTC",
+        "enable_utc": True,
+    }
+
+
+def make_celery(settings: Settings, main: str = "conveyor") -> Celery:
+    """A Celery app configured from settings (no tasks registered)."""
+    app = Celery(main, set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+class PublishError(RuntimeError):
+    """The broker did not take the message (down, timed out, refused)."""
+
+
+class Publisher:
+    """Publishes job tasks by name; the only argument is the job id, the task id too."""
+
+    def __init__(self, settings: Settings, app: Celery | None = None) -> None:
+        self.app = app or make_celery(settings)
+
+    def publish(self, kind: str, job_id: str, headers: dict[str, str] | None = None) -> None:
+        """Send the job's task, or raise PublishError within a few seconds."""
+        route = KINDS[kind]
+        self.send(route.name, route.queue, job_id, headers)
+
+    def send(
+        self, task: str, queue: str, job_id: str, headers: dict[str, str] | None = None
+    ) -> None:
+        try:
+            self.app.send_task(
+                task,
+                args=[job_id],
+                task_id=job_id,
+                queue=queue,
+                headers=headers or {},
+                retry=True,
+            )
+        except Exception as exc:  # kombu raises many types (OperationalError, socket errors)
+            raise PublishError(f"could not publish {task} for job {job_id}: {exc}") from exc
+
+    def revoke(self, job_id: str) -> None:
+        """Best-effort broadcast; the job row's state is what really stops the task."""
+        # Revocation is advisory; the row already says REVOKED or cancel_requested.
+        with contextlib.suppress(Exception):
+            self.app.control.revoke(job_id)

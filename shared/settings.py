@@ -1,0 +1,137 @@
+"""One typed settings object, read from the environment once.
+
+This is the only module that reads the environment (ruff bans ``os.environ`` elsewhere).
+Tests build ``Settings(database_url=..., redis_url=...)`` directly instead of patching env.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Secrets that get a generated, persisted value in development and must be set elsewhere.
+_DEV_SECRETS = ("token_pepper", "flower_password")
+
+
+class Settings(BaseSettings):
+    """Conveyor's configuration. Every field reads ``CONVEYOR_<NAME>`` (URLs also plain names)."""
+
+    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", extra="ignore")
+
+    env: Literal["development", "production", "test"] = "development"
+
+    # Services. Unset → the embedded launcher starts real servers under state_dir.
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("DATABASE_URL", "CONVEYOR_DATABASE_URL")
+    )
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("REDIS_URL", "CONVEYOR_REDIS_URL")
+    )
+    state_dir: Path = Path(".conveyor")
+    embedded_pg_port: int = 0  # 0: a free port, remembered in state_dir for the next start
+    embedded_redis_port: int = 0
+    embedded_pg_user: str = "conveyor-pg"  # system user PostgreSQL runs as when we are root
+
+    # HTTP.
+    web_host: str = "127.0.0.1"
+    web_port: int = 8000
+    web_workers: int = 2
+    web_threads: int = 8
+    public_url: str | None = None  # base for Location headers behind a proxy
+
+    # Flower: bound to loopback and behind basic auth by default.
+    flower_host: str = "127.0.0.1"
+    flower_port: int = 5555
+    flower_user: str = "admin"
+    flower_password: SecretStr | None = None
+
+    # Tokens are stored as HMAC-SHA256(pepper, token).
+    token_pepper: SecretStr | None = None
+    admin_token_file: Path | None = None  # default: state_dir/admin-token
+
+    # Database pool.
+    db_pool_size: int = 10
+    db_max_overflow: int = 20
+    db_pool_timeout_s: float = 10.0
+    db_pool_recycle_s: int = 1800
+    db_statement_timeout_ms: int = 30_000
+
+    # Celery / jobs.
+    redis_socket_timeout_s: float = 5.0
+    broker_visibility_timeout_s: int = 3600  # longer than any task slice (job_slice_s)
+    job_slice_s: int = 600
+    job_max_attempts: int = 3
+    job_lease_s: int = 60
+    worker_concurrency: int = 2
+    reaper_interval_s: float = 30.0
+    pending_republish_after_s: float = 60.0
+    result_expires_s: int = 86_400
+
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @model_validator(mode="after")
+    def _secrets_outside_development(self) -> Settings:
+        if self.env == "production":
+            missing = [n for n in _DEV_SECRETS if getattr(self, n) is None]
+            if missing:
+                names = ", ".join(f"CONVEYOR_{n.upper()}" for n in missing)
+                raise ValueError(f"{names} must be set when CONVEYOR_ENV=production")
+            for name in _DEV_SECRETS:
+                value = getattr(self, name)
+                if value is not None and len(value.get_secret_value()) < 16:
+                    raise ValueError(f"CONVEYOR_{name.upper()} must be at least 16 characters")
+        return self
+
+    @property
+    def admin_token_path(self) -> Path:
+        return self.admin_token_file or self.state_dir / "admin-token"
+
+    @cached_property
+    def _dev_secrets(self) -> dict[str, str]:
+        """Secrets generated once per state folder (mode 0600), for development only."""
+        path = self.state_dir / "secrets.json"
+        try:
+            stored: dict[str, str] = json.loads(path.read_text())
+        except FileNotFoundError:
+            stored = {}
+        missing = [n for n in _DEV_SECRETS if n not in stored]
+        if missing:
+            stored.update({n: secrets.token_urlsafe(32) for n in missing})
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(stored, f)
+            tmp.replace(path)
+        return stored
+
+    def secret(self, name: Literal["token_pepper", "flower_password"]) -> str:
+        """The secret's value: set explicitly, or (outside production) generated and persisted."""
+        value: SecretStr | None = getattr(self, name)
+        if value is not None:
+            return value.get_secret_value()
+        return self._dev_secrets[name]
+
+    def child_env(self) -> dict[str, str]:
+        """The environment for a child process: ours, plus resolved service URLs."""
+        env = dict(os.environ)
+        if self.database_url:
+            env["DATABASE_URL"] = self.database_url
+        if self.redis_url:
+            env["REDIS_URL"] = self.redis_url
+        env["CONVEYOR_STATE_DIR"] = str(self.state_dir.resolve())
+        env["CONVEYOR_ENV"] = self.env
+        return env
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment; keyword overrides win."""
+    return Settings(**overrides)  # type: ignore[arg-type]
