@@ -137,7 +137,7 @@ def publish_job(
     session.execute(
         update(Job)
         .where(Job.id == job.id)
-        .values(published_at=func.now(), publish_count=Job.publish_count + 1)
+        .values(published_at=func.clock_timestamp(), publish_count=Job.publish_count + 1)
     )
     session.commit()
     session.refresh(job)
@@ -159,7 +159,7 @@ def cancel(session: Session, publisher: Publisher, job: Job) -> Job:
         .values(
             state=JobState.REVOKED.value,
             cancel_requested=True,
-            finished_at=func.now(),
+            finished_at=func.clock_timestamp(),
             error={"code": "cancelled", "message": "cancelled before it started"},
         )
         .returning(Job.id)
@@ -198,7 +198,8 @@ def acquire_lease(session: Session, job_id: uuid.UUID, holder: str, ttl_s: int) 
     (redelivered by ``task_reject_on_worker_lost``) ends with ``worker_lost`` instead of
     looping: see ``fail_if_exhausted``.
     """
-    now = func.now()
+    # clock_timestamp, not now(): now() is frozen at the start of the caller's transaction.
+    now = func.clock_timestamp()
     row = session.execute(
         update(Job)
         .where(
@@ -274,8 +275,8 @@ def checkpoint(
     checkpoint land in one transaction.
     """
     values: dict[str, Any] = {
-        "lease_expires_at": func.now() + timedelta(seconds=ttl_s),
-        "heartbeat_at": func.now(),
+        "lease_expires_at": func.clock_timestamp() + timedelta(seconds=ttl_s),
+        "heartbeat_at": func.clock_timestamp(),
     }
     if progress is not None:
         values["progress"] = progress
@@ -315,7 +316,7 @@ def finish(
             state=state.value,
             result=result,
             error=error,
-            finished_at=func.now(),
+            finished_at=func.clock_timestamp(),
             locked_by=None,
             lease_expires_at=None,
         )
@@ -347,12 +348,12 @@ def reap_stale_jobs(
         update(Job)
         .where(
             Job.state.in_([JobState.STARTED.value, JobState.PROGRESS.value]),
-            Job.lease_expires_at < func.now(),
+            Job.lease_expires_at < func.clock_timestamp(),
             Job.attempts >= Job.max_attempts,
         )
         .values(
             state=JobState.FAILURE.value,
-            finished_at=func.now(),
+            finished_at=func.clock_timestamp(),
             locked_by=None,
             error={"code": "worker_lost", "message": "the worker running this job stopped"},
         )
@@ -362,12 +363,12 @@ def reap_stale_jobs(
         update(Job)
         .where(
             Job.state.in_([JobState.STARTED.value, JobState.PROGRESS.value]),
-            Job.lease_expires_at < func.now(),
+            Job.lease_expires_at < func.clock_timestamp(),
             Job.cancel_requested.is_(True),
         )
         .values(
             state=JobState.REVOKED.value,
-            finished_at=func.now(),
+            finished_at=func.clock_timestamp(),
             locked_by=None,
             error={"code": "cancelled", "message": "cancelled; its worker had stopped"},
         )
@@ -386,7 +387,7 @@ def reap_stale_jobs(
                     ),
                     and_(
                         Job.state.in_([JobState.STARTED.value, JobState.PROGRESS.value]),
-                        Job.lease_expires_at < func.now(),
+                        Job.lease_expires_at < func.clock_timestamp(),
                     ),
                 )
             )

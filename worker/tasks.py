@@ -1,0 +1,120 @@
+"""Task declaration and the job runner every job task goes through.
+
+``job_task`` refuses unnamed tasks and unknown options: a task name is the wire protocol
+between web and worker, and a typo'd option (warehouse's ``ignore_results=True``) must not
+pass silently. ``execute_job`` owns the session, the lease and the job's final state, so a
+task body is a plain function of a ``JobContext``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Task
+from sqlalchemy.orm import Session
+
+from shared import jobs
+from shared.logs import bind_context
+from shared.models import Job, JobState
+from shared.settings import Settings
+from worker import runtime
+from worker.celery_app import app
+
+log = logging.getLogger(__name__)
+
+_ALLOWED_OPTIONS = frozenset({"soft_time_limit", "time_limit", "rate_limit"})
+
+
+def job_task(name: str, **options: Any) -> Callable[[Callable[..., Any]], Task]:
+    """Declare a Celery task with an explicit ``conveyor.*`` name and vetted options."""
+    if not name.startswith("conveyor."):
+        raise ValueError(f"task name {name!r} must be explicit and start with 'conveyor.'")
+    unknown = set(options) - _ALLOWED_OPTIONS
+    if unknown:
+        raise TypeError(f"unknown task options for {name}: {sorted(unknown)}")
+    decorator: Callable[[Callable[..., Any]], Task] = app.task(
+        name=name, bind=True, acks_late=True, reject_on_worker_lost=True, **options
+    )
+    return decorator
+
+
+@dataclass
+class JobContext:
+    """What a task body gets: its job, a session, and progress reporting."""
+
+    session: Session
+    lease: jobs.Lease
+    job: Job
+    settings: Settings
+    task_started: float
+
+    def progress(self, done: int, total: int | None, message: str = "") -> None:
+        """Record progress and renew the lease; raises JobCancelled or LeaseLost."""
+        payload = jobs.progress_payload(done, total, self.job.started_at, message)
+        jobs.checkpoint(self.session, self.lease, self.settings.job_lease_s, payload)
+
+    def heartbeat(self) -> None:
+        """Renew the lease without changing progress; raises JobCancelled or LeaseLost."""
+        jobs.checkpoint(self.session, self.lease, self.settings.job_lease_s)
+
+
+def holder_id() -> str:
+    return f"{socket.gethostname()}/{os.getpid()}"
+
+
+def execute_job(task: Task, job_id: str, body: Callable[[JobContext], dict[str, Any]]) -> None:
+    """Run ``body`` for the job under a lease and record how it ended.
+
+    A delivery that cannot take the lease (job finished, cancelled, or running under
+    another delivery) returns without touching the row: at-least-once delivery makes
+    duplicates normal. A lost lease mid-run stops without writing.
+    """
+    request_id = getattr(task.request, "request_id", None)
+    with bind_context(job_id=job_id, task_id=task.request.id, request_id=request_id):
+        try:
+            key = uuid.UUID(job_id)
+        except ValueError:
+            log.error("task argument is not a job id; dropping the message")
+            return
+        settings = runtime.settings()
+        with runtime.database().session() as session:
+            lease = jobs.acquire_lease(session, key, holder_id(), settings.job_lease_s)
+            if lease is None:
+                log.info("job not runnable by this delivery (finished, cancelled or held)")
+                return
+            job = session.get_one(Job, key)
+            log.info("job started", extra={"kind": job.kind, "attempt": lease.attempt})
+            ctx = JobContext(session, lease, job, settings, time.monotonic())
+            try:
+                result = body(ctx)
+            except jobs.JobCancelled:
+                jobs.finish(
+                    session,
+                    lease,
+                    JobState.REVOKED,
+                    error={"code": "cancelled", "message": "cancelled while running"},
+                )
+                log.info("job cancelled")
+                return
+            except jobs.LeaseLost:
+                log.warning("lease lost to another delivery; stopping without writing")
+                return
+            except Exception as exc:
+                session.rollback()
+                jobs.finish(
+                    session,
+                    lease,
+                    JobState.FAILURE,
+                    error={"code": "task_error", "message": f"{type(exc).__name__}: {exc}"[:500]},
+                )
+                log.exception("job failed")
+                raise
+            jobs.finish(session, lease, JobState.SUCCESS, result=result)
+            log.info("job succeeded")
