@@ -336,7 +336,8 @@ def reap_stale_jobs(
     """Republish lost work; returns counts of what it did.
 
     * PENDING/RETRY jobs never published, or published longer ago than
-      ``republish_after_s`` without being picked up (Redis flushed, message lost).
+      ``republish_after_s`` and not started although their queue is empty (Redis
+      flushed or restarted without persistence: the message is lost).
     * Running jobs whose lease expired (worker killed): back to RETRY and republished,
       or FAILURE ``worker_lost`` when their attempts are used up.
 
@@ -397,7 +398,17 @@ def reap_stale_jobs(
         )
     )
     republished = 0
+    backlog: dict[str, int] = {}
     for job in candidates:
+        never_published = job.published_at is None
+        if job.state in (JobState.PENDING, JobState.RETRY) and not never_published:
+            # Published but not started. While its queue still holds messages, it is most
+            # likely waiting its turn: a duplicate would only inflate the backlog. Once the
+            # queue is empty and it still has not started, its message was lost.
+            if job.queue not in backlog:
+                backlog[job.queue] = publisher.queue_length(job.queue)
+            if backlog[job.queue] > 0:
+                continue
         if job.state in (JobState.STARTED, JobState.PROGRESS):
             job.state = JobState.RETRY.value
             job.locked_by = None

@@ -12,6 +12,7 @@ from typing import Any
 
 from celery import Celery
 from kombu.entity import Queue
+from kombu.exceptions import ChannelError
 
 from shared.settings import Settings
 
@@ -95,6 +96,10 @@ def make_celery(settings: Settings, main: str = "conveyor") -> Celery:
 class PublishError(RuntimeError):
     """The broker did not take the message (down, timed out, refused)."""
 
+    def __init__(self, message: str, *, job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.job_id = job_id  # the job left unpublished, for the 503 answer
+
 
 class Publisher:
     """Publishes job tasks by name; the only argument is the job id, the task id too."""
@@ -120,7 +125,24 @@ class Publisher:
                 retry=True,
             )
         except Exception as exc:  # kombu raises many types (OperationalError, socket errors)
-            raise PublishError(f"could not publish {task} for job {job_id}: {exc}") from exc
+            raise PublishError(
+                f"could not publish {task} for job {job_id}: {exc}", job_id=job_id
+            ) from exc
+
+    def queue_length(self, queue: str) -> int:
+        """Messages waiting in ``queue``, all of kombu's priority sub-lists included.
+
+        kombu's Redis transport keeps one list per priority step, named ``queue`` for the
+        default priority and ``queue<sep><n>`` for the others (celery-exporter#272 counted
+        only the first); unacked (reserved) messages are not included.
+        """
+        with self.app.connection_for_write() as conn:
+            try:
+                # Passive declare answers kombu's own count over every priority sub-list.
+                ok = conn.default_channel.queue_declare(queue=queue, passive=True)
+            except ChannelError:  # no list exists: nothing waiting
+                return 0
+            return int(ok.message_count)
 
     def revoke(self, job_id: str) -> None:
         """Best-effort broadcast; the job row's state is what really stops the task."""

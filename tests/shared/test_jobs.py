@@ -157,3 +157,16 @@ def test_unknown_kind_is_refused(session: Session, publisher: Publisher) -> None
     with pytest.raises(ValueError, match="unknown job kind"):
         jobs.submit(session, publisher, "nope", {}, owner="o")
     assert session.scalar(select(Job).where(Job.id == uuid.uuid4())) is None
+
+
+def test_reaper_does_not_duplicate_jobs_waiting_in_a_backlog(
+    session: Session, publisher: Publisher, settings: Settings
+) -> None:
+    redis.Redis.from_url(settings.redis_url or "").delete("default")
+    waiting = [jobs.submit(session, publisher, "canary", {}, owner="o").job for _ in range(3)]
+    session.execute(
+        update(Job).where(Job.id.in_([j.id for j in waiting])).values(published_at=Job.created_at)
+    )
+    counts = jobs.reap_stale_jobs(session, publisher, republish_after_s=0)
+    assert counts["republished"] == 0
+    assert sorted(_queue_ids(settings)) == sorted(str(j.id) for j in waiting)
