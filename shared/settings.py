@@ -6,6 +6,7 @@ Tests build ``Settings(database_url=..., redis_url=...)`` directly instead of pa
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -98,19 +99,24 @@ class Settings(BaseSettings):
     def _dev_secrets(self) -> dict[str, str]:
         """Secrets generated once per state folder (mode 0600), for development only."""
         path = self.state_dir / "secrets.json"
-        try:
-            stored: dict[str, str] = json.loads(path.read_text())
-        except FileNotFoundError:
-            stored = {}
-        missing = [n for n in _DEV_SECRETS if n not in stored]
-        if missing:
-            stored.update({n: secrets.token_urlsafe(32) for n in missing})
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(stored, f)
-            tmp.replace(path)
+        stored = _read_secrets(path)
+        if all(n in stored for n in _DEV_SECRETS):
+            return stored
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        # Processes starting together on a fresh folder (gunicorn's workers) would each
+        # generate, and each keep, a different pepper: one token valid on one worker only.
+        # The lock makes every later process read what the first one wrote.
+        with (self.state_dir / "secrets.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            stored = _read_secrets(path)
+            missing = [n for n in _DEV_SECRETS if n not in stored]
+            if missing:
+                stored.update({n: secrets.token_urlsafe(32) for n in missing})
+                tmp = path.with_suffix(".tmp")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    json.dump(stored, f)
+                tmp.replace(path)
         return stored
 
     def secret(self, name: Literal["token_pepper", "flower_password"]) -> str:
@@ -130,6 +136,14 @@ class Settings(BaseSettings):
         env["CONVEYOR_STATE_DIR"] = str(self.state_dir.resolve())
         env["CONVEYOR_ENV"] = self.env
         return env
+
+
+def _read_secrets(path: Path) -> dict[str, str]:
+    try:
+        stored: dict[str, str] = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    return stored
 
 
 def load_settings(**overrides: object) -> Settings:

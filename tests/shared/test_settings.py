@@ -38,3 +38,27 @@ def test_child_env_carries_resolved_urls(tmp_path: Path) -> None:
     assert env["DATABASE_URL"] == "postgresql://x/y"
     assert env["REDIS_URL"] == "redis://z:1/0"
     assert env["CONVEYOR_STATE_DIR"] == str(tmp_path.resolve())
+
+
+def test_processes_starting_together_agree_on_the_pepper(tmp_path: Path) -> None:
+    # gunicorn's workers boot at once on a fresh state folder: all must read one pepper.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path; from shared.settings import Settings;"
+        "sys.stdout.write(Settings(state_dir=Path(sys.argv[1])).secret('token_pepper'))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path / "state")],
+            cwd=root,
+            stdout=subprocess.PIPE,
+        )
+        for _ in range(12)
+    ]
+    peppers = {p.communicate(timeout=60)[0] for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(peppers) == 1
+    assert peppers.pop() == Settings(state_dir=tmp_path / "state").secret("token_pepper")

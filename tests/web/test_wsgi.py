@@ -1,0 +1,116 @@
+"""``gunicorn web.wsgi:app`` as deployed: several worker processes, settings from env."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from shared.db import Database
+from shared.models import TokenScope
+from shared.settings import Settings
+from shared.tokens import create_token
+from tests.conftest import ROOT, child_env, wait_until
+from tests.web.conftest import unused_port
+
+WORKERS = 4
+
+
+@dataclass
+class Gunicorn:
+    url: str
+    state_dir: Path
+    log_path: Path
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/healthz", timeout=2).status_code == 200
+    except (requests.ConnectionError, requests.Timeout):  # bound, workers still booting
+        return False
+
+
+@pytest.fixture
+def gunicorn(settings: Settings, committed_db: Database, tmp_path: Path) -> Iterator[Gunicorn]:
+    """gunicorn on a fresh state folder: its workers start together and must agree on secrets."""
+    state_dir = tmp_path / "state"
+    log_path = tmp_path / "gunicorn.log"
+    port = unused_port()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "web.wsgi:app",
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--workers",
+                str(WORKERS),
+                "--no-control-socket",
+            ],
+            cwd=ROOT,
+            env=child_env(settings, CONVEYOR_STATE_DIR=str(state_dir)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                pytest.fail(f"gunicorn exited:\n{log_path.read_text()[-4000:]}")
+            return _answers(url)
+
+        wait_until(ready, timeout=30, interval=0.1)
+        yield Gunicorn(url, state_dir, log_path)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_every_worker_shares_the_generated_pepper_and_logs_json(
+    gunicorn: Gunicorn, committed_db: Database
+) -> None:
+    pepper = json.loads((gunicorn.state_dir / "secrets.json").read_text())["token_pepper"]
+    with committed_db.session() as s:
+        _, plain = create_token(s, pepper, "wsgi", TokenScope.WRITE)
+    headers = {"Authorization": f"Bearer {plain}"}
+    # Each request is a new connection, so the workers take turns: all must accept the token.
+    statuses = {
+        requests.get(f"{gunicorn.url}/api/v1/jobs", headers=headers, timeout=10).status_code
+        for _ in range(4 * WORKERS)
+    }
+    assert statuses == {200}
+
+    request_id = f"wsgi-{uuid.uuid4().hex[:8]}"
+    response = requests.post(
+        f"{gunicorn.url}/api/v1/canaries",
+        headers={**headers, "X-Request-ID": request_id},
+        timeout=10,
+    )
+    assert response.status_code == 202
+    assert response.headers["X-Request-ID"] == request_id
+    job_id = response.json()["id"]
+
+    def submission_logged() -> dict[str, object] | None:
+        for line in gunicorn.log_path.read_text().splitlines():
+            if request_id in line:
+                record: dict[str, object] = json.loads(line)
+                return record
+        return None
+
+    record = wait_until(submission_logged, timeout=10)
+    assert record == {**record, "request_id": request_id, "job_id": job_id, "process": "web"}
+    assert plain not in gunicorn.log_path.read_text()

@@ -1,0 +1,38 @@
+"""The Flask app: ``create_app()`` builds it the same way for gunicorn, the CLI and tests.
+
+Web validates, records, enqueues and answers; it never runs a job's work.
+"""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from shared.logs import configure_logging
+from shared.settings import Settings, load_settings
+from web import canaries, health, jobs
+from web.auth import check_api_protected
+from web.errors import register_error_handlers
+from web.extension import init_conveyor
+from web.request_ids import init_request_ids
+
+# One blueprint per resource; features, test_cases, deployments and imports join here.
+BLUEPRINTS = (health.bp, jobs.bp, canaries.bp)
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the app from ``settings`` (default: read from the environment)."""
+    settings = settings or load_settings()
+    configure_logging(settings, "web")
+    app = Flask(__name__)
+    init_conveyor(app, settings)
+    init_request_ids(app)
+    register_error_handlers(app)
+    register_blueprints(app)
+    check_api_protected(app)
+    return app
+
+
+def register_blueprints(app: Flask) -> None:
+    """Mount every resource's routes."""
+    for blueprint in BLUEPRINTS:
+        app.register_blueprint(blueprint)

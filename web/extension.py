@@ -1,0 +1,97 @@
+"""The app's process-wide resources, kept on ``app.extensions["conveyor"]``.
+
+One database engine, one publisher and one Redis client per process, created by the app
+factory from the settings it was given; views reach them through ``conveyor()`` and get a
+request-scoped session from ``db_session()``, closed when the request ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+import redis
+from flask import Flask, current_app, g
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from shared.db import Database, make_engine
+from shared.queue import Publisher
+from shared.settings import Settings
+
+EXTENSION = "conveyor"
+# Health probes must answer quickly even when a dependency hangs.
+PROBE_TIMEOUT_S = 2
+
+
+@dataclass
+class Conveyor:
+    """What the web process holds for its lifetime."""
+
+    settings: Settings
+    db: Database
+    publisher: Publisher
+    token_pepper: str
+    # Separate small pool and client for /readyz: a probe must not queue behind requests.
+    probe_engine: Engine
+    probe_redis: redis.Redis
+
+    def close(self) -> None:
+        """Release pooled connections (tests, and a clean shutdown)."""
+        self.db.engine.dispose()
+        self.probe_engine.dispose()
+        self.probe_redis.close()
+        self.publisher.app.close()
+
+
+def init_conveyor(app: Flask, settings: Settings) -> Conveyor:
+    """Create the resources and attach them to ``app``."""
+    if not settings.redis_url:
+        raise RuntimeError("redis_url is not set (the launcher fills it in for embedded use)")
+    ext = Conveyor(
+        settings=settings,
+        db=Database(settings),
+        publisher=Publisher(settings),
+        # Resolved now so a missing secret fails at startup, not on the first request.
+        token_pepper=settings.secret("token_pepper"),
+        probe_engine=make_engine(
+            settings,
+            pool_size=1,
+            max_overflow=1,
+            pool_timeout=PROBE_TIMEOUT_S,
+            connect_args={
+                "connect_timeout": PROBE_TIMEOUT_S,
+                "options": f"-c statement_timeout={PROBE_TIMEOUT_S * 1000}",
+                "application_name": "conveyor-probe",
+            },
+        ),
+        probe_redis=redis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=PROBE_TIMEOUT_S,
+            socket_connect_timeout=PROBE_TIMEOUT_S,
+        ),
+    )
+    app.extensions[EXTENSION] = ext
+    app.teardown_request(_close_session)
+    return ext
+
+
+def conveyor() -> Conveyor:
+    """The current app's resources."""
+    return cast(Conveyor, current_app.extensions[EXTENSION])
+
+
+def db_session() -> Session:
+    """This request's session, opened on first use; callers commit."""
+    session: Session | None = g.get("db_session")
+    if session is None:
+        session = conveyor().db.sessionmaker()
+        g.db_session = session
+    return session
+
+
+def _close_session(_: BaseException | None) -> None:
+    session: Session | None = g.pop("db_session", None)
+    if session is not None:
+        # close() rolls back anything uncommitted and returns the connection to the pool.
+        session.close()

@@ -1,0 +1,70 @@
+"""Health checks for process managers and load balancers; no token needed.
+
+``/healthz`` says the process answers. ``/readyz`` says it can do its work: PostgreSQL and
+Redis both reachable, each probed through its own small pool with a short timeout, so a
+probe neither waits behind busy requests nor hangs on a dead dependency.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify
+from sqlalchemy import text
+
+from web.errors import ServiceUnavailable, problem_response
+from web.extension import conveyor
+
+bp = Blueprint("health", __name__)
+
+OK = "ok"
+_MAX_REASON = 200
+
+
+def _down(exc: BaseException) -> str:
+    # First line only: driver messages run long and repeat the connection parameters.
+    reason = (str(exc).strip().splitlines() or [""])[0][:_MAX_REASON]
+    return f"down: {type(exc).__name__}: {reason}"
+
+
+def _check_postgres() -> str:
+    try:
+        with conveyor().probe_engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:  # any failure means "not ready"; the reason is reported
+        return _down(exc)
+    return OK
+
+
+def _check_redis() -> str:
+    try:
+        conveyor().probe_redis.ping()
+    except Exception as exc:  # as above
+        return _down(exc)
+    return OK
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    """The process is alive."""
+    response = jsonify({"status": OK})
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.get("/readyz")
+def readyz() -> Response:
+    """PostgreSQL and Redis answer: 200, or 503 naming what is down."""
+    checks = {"postgres": _check_postgres(), "redis": _check_redis()}
+    down = sorted(name for name, state in checks.items() if state != OK)
+    if down:
+        response = problem_response(
+            503,
+            ServiceUnavailable.title,
+            f"not ready: {', '.join(down)} unreachable",
+            problem="not-ready",
+            headers={"Retry-After": "5"},
+            checks=checks,
+        )
+    else:
+        response = jsonify({"status": OK, "checks": checks})
+    response.headers["Cache-Control"] = "no-store"
+    return response
