@@ -61,4 +61,4 @@ def test_processes_starting_together_agree_on_the_pepper(tmp_path: Path) -> None
     peppers = {p.communicate(timeout=60)[0] for p in procs}
     assert all(p.returncode == 0 for p in procs)
     assert len(peppers) == 1
-    assert peppers.pop() == Settings(state_dir=tmp_path / "state").secret("token_pepper")
+    assert peppers.pop().decode() == Settings(state_dir=tmp_path / "state").secret("token_pepper")
