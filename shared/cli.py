@@ -237,6 +237,8 @@ def web_command(
         # Its default control socket is one path per home folder, which two instances on a
         # host would fight over; Conveyor drives gunicorn by signals only.
         "--no-control-socket",
+        "--logger-class",
+        "web.gunicorn_logging.JsonLogger",
         *extra,
     ]
 
@@ -254,6 +256,7 @@ def worker_command(
         sys.executable,
         "-m",
         "celery",
+        "--quiet",  # no banner: every line on stderr is JSON
         "-A",
         "worker.celery_app",
         "worker",
@@ -277,6 +280,7 @@ def beat_command(settings: Settings, *, extra: Sequence[str] = ()) -> list[str]:
         sys.executable,
         "-m",
         "celery",
+        "--quiet",
         "-A",
         "worker.celery_app",
         "beat",
@@ -293,10 +297,7 @@ def flower_command(settings: Settings, *, extra: Sequence[str] = ()) -> list[str
     return [
         sys.executable,
         "-m",
-        "celery",
-        "-A",
-        "worker.celery_app",
-        "flower",
+        "worker.flower",
         f"--address={settings.flower_host}",
         f"--port={settings.flower_port}",
         *extra,

@@ -72,6 +72,8 @@ def configure_logging(settings: Settings, process: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
+    # warnings.warn output (Celery's superuser warning, deprecations) becomes JSON too.
+    logging.captureWarnings(True)
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(process=process)
     structlog.configure(

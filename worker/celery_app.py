@@ -10,6 +10,7 @@ Multiprocessing or os.fork()". Settings are read when this entry module is loade
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery, signals
@@ -17,6 +18,11 @@ from celery import Celery, signals
 from shared.logs import configure_logging
 from shared.queue import REAP_TASK, make_celery
 from worker import runtime
+
+# Configured on import, before Celery's own start-up checks write anything (its superuser
+# warning among them); Flower's entry module configures first and keeps its own name.
+if not logging.getLogger().handlers:
+    configure_logging(runtime.settings(), "worker")
 
 app: Celery = make_celery(runtime.settings())
 app.conf.include = ["worker.canary", "worker.maintenance"]
@@ -29,11 +35,15 @@ def _setup_logging(**_: Any) -> None:
     configure_logging(runtime.settings(), "worker")
 
 
+def _setup_beat_logging(**_: Any) -> None:
+    configure_logging(runtime.settings(), "beat")
+
+
 def _dispose_inherited_pool(**_: Any) -> None:
     runtime.after_fork()
 
 
 # Connecting setup_logging stops Celery from installing its own (plain text) handlers.
 signals.setup_logging.connect(_setup_logging, weak=False)
-signals.beat_init.connect(_setup_logging, weak=False)
+signals.beat_init.connect(_setup_beat_logging, weak=False)
 signals.worker_process_init.connect(_dispose_inherited_pool, weak=False)
