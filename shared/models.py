@@ -33,6 +33,9 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSONB, uuid.UUID: UUID(as_uuid=True)}
 
 
+IMPORT_JOB_DEFAULT = text("NULLIF(current_setting('conveyor.import_job', true), '')::uuid")
+
+
 def _now() -> Mapped[datetime]:
     return mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
 
@@ -150,6 +153,10 @@ class Feature(Base):
     status: Mapped[str] = mapped_column(String(32), default=FeatureStatus.PLANNED)
     complexity_points: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = _now()
+    # The import that last wrote this row (NULL for API writes): filled by the column
+    # default from the chunk transaction's ``SET LOCAL conveyor.import_job``, so COPY needs
+    # no extra column.
+    last_import_job_id: Mapped[uuid.UUID | None] = mapped_column(server_default=IMPORT_JOB_DEFAULT)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )
@@ -168,6 +175,7 @@ class TestCase(Base):
     name: Mapped[str] = mapped_column(String(255))
     status: Mapped[str] = mapped_column(String(32), default=TestCaseStatus.PENDING)
     created_at: Mapped[datetime] = _now()
+    last_import_job_id: Mapped[uuid.UUID | None] = mapped_column(server_default=IMPORT_JOB_DEFAULT)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )
@@ -248,3 +256,55 @@ class ImportError_(Base):
     reason: Mapped[str] = mapped_column(Text)
     excerpt: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _now()
+
+
+class Upload(Base):
+    """An uploaded file, kept in a PostgreSQL large object every worker host can read."""
+
+    __tablename__ = "uploads"
+    __table_args__ = (Index("ix_uploads_created_at", "created_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    oid: Mapped[int] = mapped_column(BigInteger)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    content_type: Mapped[str] = mapped_column(String(100))
+    filename: Mapped[str | None] = mapped_column(String(255))
+    owner: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = _now()
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ImportRun(Base):
+    """An import job's file, target, checkpoint and counters (one row per import job).
+
+    The checkpoint (``byte_offset``, ``line``) and the counters are updated in the same
+    transaction as each chunk's rows, so they always describe exactly what is committed.
+    """
+
+    __tablename__ = "imports"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    upload_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("uploads.id", ondelete="SET NULL")
+    )
+    target: Mapped[str] = mapped_column(String(32))
+    format: Mapped[str] = mapped_column(String(16))
+    max_errors: Mapped[int] = mapped_column(Integer, default=1000)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    sha256: Mapped[str] = mapped_column(String(64))
+    header: Mapped[dict[str, Any] | None]  # CSV columns, kept so a resume can skip the header
+    byte_offset: Mapped[int] = mapped_column(BigInteger, default=0)
+    line: Mapped[int] = mapped_column(BigInteger, default=0)
+    chunks: Mapped[int] = mapped_column(Integer, default=0)
+    rows_read: Mapped[int] = mapped_column(BigInteger, default=0)
+    rows_inserted: Mapped[int] = mapped_column(BigInteger, default=0)
+    rows_updated: Mapped[int] = mapped_column(BigInteger, default=0)
+    rows_unchanged: Mapped[int] = mapped_column(BigInteger, default=0)
+    rows_rejected: Mapped[int] = mapped_column(BigInteger, default=0)
+    rows_duplicate: Mapped[int] = mapped_column(BigInteger, default=0)
+    busy_s: Mapped[float] = mapped_column(default=0.0)  # time spent working, over all slices
+    created_at: Mapped[datetime] = _now()
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

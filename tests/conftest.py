@@ -37,6 +37,8 @@ LOCAL_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 LOCAL_REDIS = "redis://127.0.0.1:6379"
 TABLES = (
     "import_errors",
+    "imports",
+    "uploads",
     "deployment_events",
     "deployments",
     "environments",
