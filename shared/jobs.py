@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -78,6 +79,7 @@ def submit(
     *,
     max_attempts: int = 3,
     headers: dict[str, str] | None = None,
+    on_insert: Callable[[Session, uuid.UUID], None] | None = None,
 ) -> Submitted:
     """Record a job, commit, then publish it.
 
@@ -85,6 +87,7 @@ def submit(
     one row (INSERT … ON CONFLICT DO NOTHING, then read the winner). A replay of a job whose
     publish failed tries to publish it again. Raises IdempotencyMismatch when the key was
     used with a different request, PublishError when the broker refused (the row is kept).
+    ``on_insert(session, job_id)`` runs in the inserting transaction, only for a new job.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown job kind {kind!r}")
@@ -109,6 +112,10 @@ def submit(
     if idempotency_key is not None:
         stmt = stmt.on_conflict_do_nothing(constraint="uq_jobs_owner_idempotency_key")
     inserted = session.execute(stmt.returning(Job.id)).scalar_one_or_none()
+    if inserted is not None and on_insert is not None:
+        # Rows that belong to the job (an import's file and checkpoint) commit with it,
+        # before any worker can see the message.
+        on_insert(session, job_id)
     session.commit()
     created = inserted is not None
     if not created:

@@ -75,6 +75,15 @@ class Settings(BaseSettings):
     pending_republish_after_s: float = 60.0
     result_expires_s: int = 86_400
 
+    # Imports.
+    import_max_bytes: int = 2 * 1024**3  # an upload larger than this is refused (413)
+    import_max_errors: int = 1000  # default rejected-row budget per import
+    upload_retention_s: int = 3600  # finished imports' files are deleted after this grace
+    cleanup_interval_s: float = 300.0
+    # Test-only fault injection, e.g. "after_copy:3" kills the worker process after the
+    # third chunk's rows are written but before COMMIT. Ignored unless env == "test".
+    fault: str | None = None
+
     log_level: str = "INFO"
     log_json: bool = True
 
