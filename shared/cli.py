@@ -673,9 +673,18 @@ def _get_job(base: str, token: str, job_id: str) -> dict[str, Any]:
 
 
 def _wait_job(
-    base: str, token: str, job_id: str, timeout: float, show_progress: bool
+    base: str,
+    token: str,
+    job_id: str,
+    timeout: float,
+    show_progress: bool,
+    fetch: Callable[[str, str, str], dict[str, Any]] = _get_job,
 ) -> dict[str, Any] | None:
-    """Poll until the job finishes; None on timeout. Optionally with a progress bar."""
+    """Poll until the job finishes; None on timeout. Optionally with a progress bar.
+
+    ``fetch`` reads the job's status (default: ``GET /api/v1/jobs/<id>``; an import's
+    report carries the same ``state`` and ``progress``, plus ``rows_per_s``).
+    """
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
     deadline = time.monotonic() + timeout
@@ -683,23 +692,26 @@ def _wait_job(
         TextColumn("{task.description}"),
         BarColumn(),
         TaskProgressColumn(),
+        TextColumn("{task.fields[rate]}"),
         TextColumn("{task.fields[eta]}"),
         disable=not show_progress,
         transient=True,
     ) as bar:
-        task = bar.add_task("PENDING", total=None, eta="")
+        task = bar.add_task("PENDING", total=None, eta="", rate="")
         while True:
-            job = _get_job(base, token, job_id)
+            job = fetch(base, token, job_id)
             state = str(job.get("state"))
             progress = job.get("progress") or {}
             percent = progress.get("percent")
             eta = progress.get("eta_seconds")
+            rate = progress.get("rows_per_s")
             bar.update(
                 task,
                 description=" ".join(filter(None, [state, progress.get("message")])),
                 total=100 if percent is not None else None,
                 completed=percent or 0,
                 eta=f"eta {eta:.0f} s" if isinstance(eta, int | float) else "",
+                rate=f"{rate:,.0f} rows/s" if isinstance(rate, int | float) else "",
             )
             if state in FINISHED:
                 if state == "SUCCESS":
@@ -1009,6 +1021,252 @@ def job_show(
             table.add_row(key, shown)
         Console().print(table)
     if wait and data.get("state") != "SUCCESS":
+        sys.exit(1)
+
+
+# --- import ---------------------------------------------------------------------------------
+
+
+IMPORT_TYPES = {"csv": "text/csv", "ndjson": "application/x-ndjson"}
+IMPORT_EXTENSIONS = {".csv": "csv", ".ndjson": "ndjson", ".jsonl": "ndjson"}
+UPLOAD_PIECE = 256 * 1024  # how often the upload bar moves, in bytes
+UPLOAD_TIMEOUT_S = 300.0  # per socket operation, not for the whole upload
+SHOWN_ERRORS = 10
+
+
+class _UploadBody:
+    """A file-like request body: reads the file from disk a piece at a time, moving a bar.
+
+    ``http.client`` sends a body that has ``read`` in blocks, so the file is never held
+    whole; the caller sets ``Content-Length`` (the file's size), so it is not chunked.
+    """
+
+    def __init__(self, path: Path, advance: Callable[[int], None]) -> None:
+        self._file = path.open("rb")
+        self._advance = advance
+        self._unreported = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._file.read(size if size and size > 0 else UPLOAD_PIECE)
+        self._unreported += len(data)
+        if self._unreported >= UPLOAD_PIECE or not data:
+            self._advance(self._unreported)
+            self._unreported = 0
+        return data
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _import_format(path: Path, given: str | None) -> tuple[str, bool]:
+    """(format, gzip-compressed) from ``--format`` or the name: x.csv, x.ndjson.gz, ..."""
+    suffixes = [s.lower() for s in path.suffixes]
+    gzipped = bool(suffixes) and suffixes[-1] == ".gz"
+    if gzipped:
+        suffixes = suffixes[:-1]
+    if given:
+        return given, gzipped
+    fmt = IMPORT_EXTENSIONS.get(suffixes[-1]) if suffixes else None
+    if fmt is None:
+        raise click.ClickException(
+            f"cannot tell the format of {path.name} from its extension (.csv, .ndjson, "
+            ".jsonl, optionally .gz): pass --format"
+        )
+    return fmt, gzipped
+
+
+def _problem_details(status: int, body: Any) -> str:
+    """A refusal with each field's message (a 422 names every bad column)."""
+    message = _problem(status, body)
+    if isinstance(body, dict) and isinstance(body.get("errors"), list):
+        lines = [
+            f"  {e.get('field')}: {e.get('message')}" for e in body["errors"] if isinstance(e, dict)
+        ]
+        message += "\n" + "\n".join(lines)
+    return message
+
+
+def _upload(
+    url: str, token: str, path: Path, content_type: str, headers: dict[str, str]
+) -> tuple[int, Any]:
+    """POST the file as the raw body with an upload progress bar; (status, JSON body)."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise click.ClickException(f"not an http(s) URL: {url}")
+    size = path.stat().st_size
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("uploading {task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not console.is_terminal,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(path.name, total=size)
+        body = _UploadBody(path, lambda n: bar.advance(task, n))
+        request = urllib.request.Request(  # noqa: S310 - scheme checked above
+            url,
+            data=body,  # file-like: http.client reads it in blocks
+            method="POST",
+            headers={
+                **headers,
+                "Accept": "application/json",
+                "Authorization": f"Bearer {token}",
+                "Content-Type": content_type,
+                "Content-Length": str(size),
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=UPLOAD_TIMEOUT_S) as response:  # noqa: S310
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            status, raw = exc.code, exc.read()
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise click.ClickException(
+                f"upload to {url} failed: {reason} (a server refusing a file over its size "
+                "limit may close the connection before the upload ends)"
+            ) from None
+        finally:
+            body.close()
+    try:
+        parsed: Any = json.loads(raw)
+    except ValueError:
+        parsed = raw.decode(errors="replace")
+    return status, parsed
+
+
+def _get_import(base: str, token: str, job_id: str) -> dict[str, Any]:
+    status, _, body = _http("GET", f"{base}/api/v1/imports/{urllib.parse.quote(job_id)}", token)
+    if status != 200 or not isinstance(body, dict):
+        raise click.ClickException(f"cannot read import {job_id}: {_problem(status, body)}")
+    return body
+
+
+def _print_import_report(console: Console, base: str, token: str, report: dict[str, Any]) -> None:
+    """The summary, then the first rejected rows."""
+    from rich.table import Table
+
+    def count(name: str) -> str:
+        value = report.get(name)
+        return f"{value:,}" if isinstance(value, int) else str(value)
+
+    rate = report.get("rows_per_s")
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("import", str(report.get("id")))
+    table.add_row("state", str(report.get("state")))
+    error = report.get("error")
+    if isinstance(error, dict):
+        table.add_row("error", f"{error.get('code')}: {error.get('message')}")
+    table.add_row("target", f"{report.get('target')} ({report.get('format')})")
+    table.add_row("rows read", count("rows_read"))
+    table.add_row("inserted", count("rows_inserted"))
+    table.add_row("updated", count("rows_updated"))
+    table.add_row("unchanged", count("rows_unchanged"))
+    table.add_row("rejected", count("rows_rejected"))
+    table.add_row("duplicates in file", count("rows_duplicate"))
+    table.add_row("duration", f"{report.get('duration_s')} s")
+    table.add_row("rows/s", f"{rate:,.0f}" if isinstance(rate, int | float) else "-")
+    console.print(table)
+
+    if not report.get("rows_rejected"):
+        return
+    links = report.get("links") or {}
+    status, _, page = _http("GET", f"{base}{links.get('errors')}?page_size={SHOWN_ERRORS}", token)
+    if status != 200 or not isinstance(page, dict):
+        console.print(f"cannot read the errors: {_problem(status, page)}")
+        return
+    errors = Table("line", "column", "reason", "excerpt", title="first rejected rows")
+    for item in page.get("items") or []:
+        errors.add_row(
+            str(item.get("line")),
+            str(item.get("column") or ""),
+            str(item.get("reason")),
+            str(item.get("excerpt") or ""),
+        )
+    console.print(errors)
+    total = page.get("total") or 0
+    if total > SHOWN_ERRORS:
+        console.print(
+            f"{total - SHOWN_ERRORS:,} more: GET {links.get('errors')} "
+            "(with 'Accept: text/csv', all of them as CSV)"
+        )
+
+
+@main.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--target", type=click.Choice(["features", "test_cases"]), required=True, help="Table."
+)
+@click.option("--format", "fmt", type=click.Choice(["csv", "ndjson"]), help="Default: extension.")
+@click.option("--max-errors", type=click.IntRange(0, 10_000_000), help="Rejected rows allowed.")
+@click.option("--idempotency-key", help="Retrying with the same key never imports twice.")
+@click.option("--wait", is_flag=True, help="Follow the job, then print the summary and errors.")
+@click.option("--timeout", default=3600.0, show_default=True, help="Seconds --wait waits.")
+@_url_option
+@_token_option
+def import_file(
+    file: Path,
+    target: str,
+    fmt: str | None,
+    max_errors: int | None,
+    idempotency_key: str | None,
+    wait: bool,
+    timeout: float,
+    url: str | None,
+    token: str | None,
+) -> None:
+    """Upload FILE (CSV or NDJSON, optionally .gz) as an import into --target.
+
+    Prints the import's job id. With --wait, follows the job with a progress bar (rows/s,
+    ETA), then prints the summary and the first rejected rows; exits 1 unless it succeeds.
+    """
+    from rich.console import Console
+
+    settings = _load_settings()
+    base, plain = _api_base(settings, url), _api_token(settings, token)
+    fmt, gzipped = _import_format(file, fmt)
+    query = {"target": target}
+    if max_errors is not None:
+        query["max_errors"] = str(max_errors)
+    headers = {"Content-Encoding": "gzip"} if gzipped else {}
+    if idempotency_key:
+        headers["Idempotency-Key"] = idempotency_key
+    endpoint = f"{base}/api/v1/imports?{urllib.parse.urlencode(query)}"
+    status, body = _upload(endpoint, plain, file, IMPORT_TYPES[fmt], headers)
+    if status not in (200, 202) or not isinstance(body, dict):
+        raise click.ClickException(f"import refused: {_problem_details(status, body)}")
+    job_id = str(body.get("id"))
+    stored = body.get("import") or {}
+    replay = " (an earlier upload with this Idempotency-Key)" if status == 200 else ""
+    click.echo(f"import {job_id}: {body.get('state')}{replay}")
+    click.echo(
+        f"  {target} from {file.name}: {stored.get('size_bytes')} bytes, "
+        f"sha256 {stored.get('sha256')}"
+    )
+    if not wait:
+        click.echo(f"  follow it: conveyor job show {job_id} --wait")
+        return
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    job = _wait_job(base, plain, job_id, timeout, show_progress=True, fetch=_get_import)
+    if job is None:
+        raise click.ClickException(f"import {job_id} did not finish within {timeout:.0f} s")
+    _print_import_report(console, base, plain, job)
+    if job.get("state") != "SUCCESS":
         sys.exit(1)
 
 

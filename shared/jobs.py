@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -54,6 +54,23 @@ class LeaseLost(JobError):
 
 class JobCancelled(JobError):
     """A cancel was requested; the task stops at this checkpoint."""
+
+
+class JobFailed(JobError):
+    """The job cannot succeed (bad file, too many errors): FAILURE with ``code``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class SliceDone(JobError):
+    """The task ran its time slice; it hands the job to a continuation message.
+
+    Slices stay well inside the broker's visibility timeout, so Redis never redelivers a
+    message whose task is still running.
+    """
 
 
 def fingerprint(kind: str, params: dict[str, Any]) -> str:
@@ -198,12 +215,19 @@ class Lease:
     attempt: int
 
 
-def acquire_lease(session: Session, job_id: uuid.UUID, holder: str, ttl_s: int) -> Lease | None:
+def acquire_lease(
+    session: Session,
+    job_id: uuid.UUID,
+    holder: str,
+    ttl_s: int,
+    dead_holders: Collection[str] = (),
+) -> Lease | None:
     """Take the job if it is active and nobody holds a live lease; None means back off.
 
-    The attempt count rises with every acquisition, so a job whose workers keep dying
-    (redelivered by ``task_reject_on_worker_lost``) ends with ``worker_lost`` instead of
-    looping: see ``fail_if_exhausted``.
+    ``dead_holders`` names holders known to be dead (a killed process on this host), whose
+    lease need not run out first. The attempt count rises with every acquisition, so a job
+    whose workers keep dying (redelivered by ``task_reject_on_worker_lost``) ends with
+    ``worker_lost`` after ``max_attempts`` instead of looping.
     """
     # clock_timestamp, not now(): now() is frozen at the start of the caller's transaction.
     now = func.clock_timestamp()
@@ -213,7 +237,11 @@ def acquire_lease(session: Session, job_id: uuid.UUID, holder: str, ttl_s: int) 
             Job.id == job_id,
             Job.state.in_([s.value for s in ACTIVE_STATES]),
             Job.cancel_requested.is_(False),
-            or_(Job.locked_by.is_(None), Job.lease_expires_at < now),
+            or_(
+                Job.locked_by.is_(None),
+                Job.lease_expires_at < now,
+                Job.locked_by.in_(list(dead_holders)),
+            ),
         )
         .values(
             locked_by=holder,
@@ -267,6 +295,26 @@ def progress_payload(
     }
 
 
+# ``checkpoint``'s rule as SQL, for writers on a raw connection (the import's chunk
+# writer) that fold it into their own statement: renew only while the fencing token and
+# holder are still ours. Parameters: job, token, holder, ttl (seconds), progress (JSON).
+RENEW_LEASE_SQL = """
+    UPDATE jobs SET lease_expires_at = clock_timestamp() + make_interval(secs => %(ttl)s),
+        heartbeat_at = clock_timestamp(), progress = %(progress)s, state = 'PROGRESS',
+        updated_at = clock_timestamp()
+    WHERE id = %(job)s AND lease_token = %(token)s AND locked_by = %(holder)s
+    RETURNING cancel_requested
+"""
+
+
+def raise_for_lease(lease: Lease, row: Any) -> None:
+    """Judge the row a lease renewal returned: LeaseLost if none, JobCancelled if asked."""
+    if row is None:
+        raise LeaseLost(f"job {lease.job_id}: lease {lease.token} is no longer current")
+    if row[0]:
+        raise JobCancelled(f"job {lease.job_id} was cancelled")
+
+
 def checkpoint(
     session: Session,
     lease: Lease,
@@ -296,14 +344,34 @@ def checkpoint(
         .values(**values)
         .returning(Job.cancel_requested)
     ).one_or_none()
-    if row is None:
+    try:
+        raise_for_lease(lease, row)
+    except JobError:
         session.rollback()
-        raise LeaseLost(f"job {lease.job_id}: lease {lease.token} is no longer current")
-    if row[0]:
-        session.rollback()
-        raise JobCancelled(f"job {lease.job_id} was cancelled")
+        raise
     if commit:
         session.commit()
+
+
+def yield_lease(session: Session, lease: Lease) -> bool:
+    """Give the job up cleanly so a continuation can take it at once.
+
+    The continuation's acquisition must not count as a new attempt (attempts count worker
+    deaths), so the attempt this slice used is given back. Should the continuation's
+    publish fail, the lease still lapses shortly and the reaper republishes the job.
+    """
+    row = session.execute(
+        update(Job)
+        .where(Job.id == lease.job_id, Job.lease_token == lease.token)
+        .values(
+            locked_by=None,
+            lease_expires_at=func.clock_timestamp() + timedelta(seconds=5),
+            attempts=Job.attempts - 1,
+        )
+        .returning(Job.id)
+    ).scalar_one_or_none()
+    session.commit()
+    return row is not None
 
 
 def finish(

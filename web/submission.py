@@ -9,17 +9,27 @@ answers:
 * 422 when that key was used with a different request, or is empty or too long;
 * 503 with ``Retry-After`` and ``job_id`` when the broker refused the message. The row
   stays PENDING and the reaper publishes it; retrying with the same key is safe.
+
+A job that owns rows written before the submit (an import's uploaded file) passes two
+callbacks: ``on_insert(session, job_id)`` writes the job's own rows in the inserting
+transaction, and ``on_discard(session)`` removes what the request stored whenever it did
+not create the job (a replay, a reused key, any error before the insert). ``submit``
+commits before it knows whether the key was new, so the discard runs after that commit.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 from flask import Response, jsonify, request
+from sqlalchemy.orm import Session
 
 from shared import jobs
+from shared.models import Job
 from shared.queue import PublishError
 from web.auth import current_principal
 from web.errors import ServiceUnavailable, Unprocessable
@@ -50,14 +60,33 @@ def _idempotency_key() -> str | None:
     return key
 
 
-def submit_and_respond(kind: str, params: dict[str, Any]) -> Response:
-    """Submit a ``kind`` job with validated ``params`` for the caller and answer for it."""
+def submit_and_respond(
+    kind: str,
+    params: dict[str, Any],
+    *,
+    on_insert: Callable[[Session, uuid.UUID], None] | None = None,
+    on_discard: Callable[[Session], None] | None = None,
+    describe: Callable[[Job], dict[str, Any]] = job_body,
+) -> Response:
+    """Submit a ``kind`` job with validated ``params`` for the caller and answer for it.
+
+    ``describe`` renders the job for the answer (default: ``job_body``).
+    """
     principal = current_principal()
     ext = conveyor()
-    key = _idempotency_key()
+    session = db_session()
+    inserted = False
+
+    def insert_hook(hook_session: Session, job_id: uuid.UUID) -> None:
+        nonlocal inserted
+        inserted = True
+        if on_insert is not None:
+            on_insert(hook_session, job_id)
+
     try:
+        key = _idempotency_key()
         submitted = jobs.submit(
-            db_session(),
+            session,
             ext.publisher,
             kind,
             params,
@@ -65,6 +94,7 @@ def submit_and_respond(kind: str, params: dict[str, Any]) -> Response:
             idempotency_key=key,
             max_attempts=ext.settings.job_max_attempts,
             headers={"request_id": current_request_id()},
+            on_insert=insert_hook,
         )
     except jobs.IdempotencyMismatch as exc:
         raise Unprocessable.field(
@@ -82,12 +112,17 @@ def submit_and_respond(kind: str, params: dict[str, Any]) -> Response:
             problem="queue-unavailable",
             **extras,
         ) from exc
+    finally:
+        # Not inserted by this request: whatever it stored for the job belongs to no job.
+        # (Inserted but not committed needs nothing: the rollback at teardown drops it.)
+        if not inserted and on_discard is not None:
+            on_discard(session)
     job = submitted.job
     log.info(
         "job submitted",
         extra={"job_id": str(job.id), "kind": kind, "replay": not submitted.created},
     )
-    response = jsonify(job_body(job))
+    response = jsonify(describe(job))
     response.status_code = 202 if submitted.created else 200
     response.headers["Location"] = job_url(job.id)
     return response

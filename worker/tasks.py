@@ -17,7 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
 from celery import Task
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared import jobs
@@ -54,11 +56,17 @@ class JobContext:
     job: Job
     settings: Settings
     task_started: float
+    # What the job has done so far, kept as the result if it is cancelled or fails.
+    partial_result: dict[str, Any] | None = None
 
     def progress(self, done: int, total: int | None, message: str = "") -> None:
         """Record progress and renew the lease; raises JobCancelled or LeaseLost."""
         payload = jobs.progress_payload(done, total, self.job.started_at, message)
         jobs.checkpoint(self.session, self.lease, self.settings.job_lease_s, payload)
+
+    def slice_over(self) -> bool:
+        """Whether this delivery has run its time slice (then raise jobs.SliceDone)."""
+        return time.monotonic() - self.task_started > self.settings.job_slice_s
 
     def heartbeat(self) -> None:
         """Renew the lease without changing progress; raises JobCancelled or LeaseLost."""
@@ -67,6 +75,22 @@ class JobContext:
 
 def holder_id() -> str:
     return f"{socket.gethostname()}/{os.getpid()}"
+
+
+def _dead_local_holder(session: Session, job_id: uuid.UUID) -> list[str]:
+    """The job's holder if it is a process on this host that no longer runs.
+
+    A prefork child killed mid-task gets its message redelivered at once
+    (``task_reject_on_worker_lost``); without this the job would wait for the lease to
+    lapse. A recycled pid only makes us wait for the lease, never steal a live one.
+    """
+    holder = session.scalar(select(Job.locked_by).where(Job.id == job_id))
+    if not holder or "/" not in holder:
+        return []
+    host, _, pid = holder.rpartition("/")
+    if host != socket.gethostname() or not pid.isdigit() or psutil.pid_exists(int(pid)):
+        return []
+    return [holder]
 
 
 def execute_job(task: Task, job_id: str, body: Callable[[JobContext], dict[str, Any]]) -> None:
@@ -86,6 +110,11 @@ def execute_job(task: Task, job_id: str, body: Callable[[JobContext], dict[str, 
         settings = runtime.settings()
         with runtime.database().session() as session:
             lease = jobs.acquire_lease(session, key, holder_id(), settings.job_lease_s)
+            if lease is None and (dead := _dead_local_holder(session, key)):
+                log.warning("taking over from a dead worker process", extra={"holder": dead[0]})
+                lease = jobs.acquire_lease(
+                    session, key, holder_id(), settings.job_lease_s, dead_holders=dead
+                )
             if lease is None:
                 log.info("job not runnable by this delivery (finished, cancelled or held)")
                 return
@@ -95,10 +124,12 @@ def execute_job(task: Task, job_id: str, body: Callable[[JobContext], dict[str, 
             try:
                 result = body(ctx)
             except jobs.JobCancelled:
+                session.rollback()
                 jobs.finish(
                     session,
                     lease,
                     JobState.REVOKED,
+                    result=ctx.partial_result,
                     error={"code": "cancelled", "message": "cancelled while running"},
                 )
                 log.info("job cancelled")
@@ -106,12 +137,32 @@ def execute_job(task: Task, job_id: str, body: Callable[[JobContext], dict[str, 
             except jobs.LeaseLost:
                 log.warning("lease lost to another delivery; stopping without writing")
                 return
+            except jobs.SliceDone:
+                session.rollback()
+                if jobs.yield_lease(session, lease):
+                    # Same task id: the job id. If this publish fails, the lease lapses in
+                    # seconds and the reaper republishes.
+                    runtime.publisher().publish(job.kind, job_id, {"request_id": request_id or ""})
+                    log.info("slice done; continuation queued")
+                return
+            except jobs.JobFailed as exc:
+                session.rollback()
+                jobs.finish(
+                    session,
+                    lease,
+                    JobState.FAILURE,
+                    result=ctx.partial_result,
+                    error={"code": exc.code, "message": exc.message},
+                )
+                log.warning("job failed", extra={"code": exc.code})
+                return
             except Exception as exc:
                 session.rollback()
                 jobs.finish(
                     session,
                     lease,
                     JobState.FAILURE,
+                    result=ctx.partial_result,
                     error={"code": "task_error", "message": f"{type(exc).__name__}: {exc}"[:500]},
                 )
                 log.exception("job failed")
