@@ -40,6 +40,7 @@ import click
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.text import Text
 
     from shared.settings import Settings
 
@@ -1155,6 +1156,18 @@ def _get_import(base: str, token: str, job_id: str) -> dict[str, Any]:
     return body
 
 
+def _shown(value: object) -> Text:
+    """A value from a file or the server, shown literally: no rich markup, no control codes.
+
+    An excerpt is whatever the uploaded file held; an escape sequence in it must not
+    drive the terminal.
+    """
+    from rich.text import Text
+
+    raw = "" if value is None else str(value)
+    return Text("".join(c if c.isprintable() else repr(c)[1:-1] for c in raw))
+
+
 def _print_import_report(console: Console, base: str, token: str, report: dict[str, Any]) -> None:
     """The summary, then the first rejected rows."""
     from rich.table import Table
@@ -1167,19 +1180,19 @@ def _print_import_report(console: Console, base: str, token: str, report: dict[s
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("import", str(report.get("id")))
-    table.add_row("state", str(report.get("state")))
+    table.add_row("import", _shown(report.get("id")))
+    table.add_row("state", _shown(report.get("state")))
     error = report.get("error")
     if isinstance(error, dict):
-        table.add_row("error", f"{error.get('code')}: {error.get('message')}")
-    table.add_row("target", f"{report.get('target')} ({report.get('format')})")
+        table.add_row("error", _shown(f"{error.get('code')}: {error.get('message')}"))
+    table.add_row("target", _shown(f"{report.get('target')} ({report.get('format')})"))
     table.add_row("rows read", count("rows_read"))
     table.add_row("inserted", count("rows_inserted"))
     table.add_row("updated", count("rows_updated"))
     table.add_row("unchanged", count("rows_unchanged"))
     table.add_row("rejected", count("rows_rejected"))
     table.add_row("duplicates in file", count("rows_duplicate"))
-    table.add_row("duration", f"{report.get('duration_s')} s")
+    table.add_row("duration", _shown(f"{report.get('duration_s')} s"))
     table.add_row("rows/s", f"{rate:,.0f}" if isinstance(rate, int | float) else "-")
     console.print(table)
 
@@ -1188,22 +1201,24 @@ def _print_import_report(console: Console, base: str, token: str, report: dict[s
     links = report.get("links") or {}
     status, _, page = _http("GET", f"{base}{links.get('errors')}?page_size={SHOWN_ERRORS}", token)
     if status != 200 or not isinstance(page, dict):
-        console.print(f"cannot read the errors: {_problem(status, page)}")
+        console.print(_shown(f"cannot read the errors: {_problem(status, page)}"))
         return
     errors = Table("line", "column", "reason", "excerpt", title="first rejected rows")
     for item in page.get("items") or []:
         errors.add_row(
-            str(item.get("line")),
-            str(item.get("column") or ""),
-            str(item.get("reason")),
-            str(item.get("excerpt") or ""),
+            _shown(item.get("line")),
+            _shown(item.get("column")),
+            _shown(item.get("reason")),
+            _shown(item.get("excerpt")),
         )
     console.print(errors)
     total = page.get("total") or 0
     if total > SHOWN_ERRORS:
         console.print(
-            f"{total - SHOWN_ERRORS:,} more: GET {links.get('errors')} "
-            "(with 'Accept: text/csv', all of them as CSV)"
+            _shown(
+                f"{total - SHOWN_ERRORS:,} more: GET {links.get('errors')} "
+                "(with 'Accept: text/csv', all of them as CSV)"
+            )
         )
 
 

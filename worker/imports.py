@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session
 from shared import jobs, storage
 from shared.importspec import CHUNK_ROWS, TARGETS
 from shared.models import ImportRun, Upload
-from worker.readers import CsvReader, NdjsonReader, Record
+from worker.readers import CsvReader, NdjsonReader, Record, excerpt
 from worker.rows import VALIDATORS, Refused, Row, compile_csv_validator
 from worker.tasks import JobContext, execute_job, job_task
 
@@ -176,8 +176,8 @@ class Chunk:
             row = validate(record.values)
         except Refused as exc:
             value = reader.value(record.values, exc.column)
-            excerpt = str(value)[:120] if value is not None else ""
-            self.errors.append((record.line, exc.column, exc.reason, excerpt))
+            shown = excerpt(str(value)) if value is not None else ""
+            self.errors.append((record.line, exc.column, exc.reason, shown))
             return
         key = row[0]
         if key in self.rows:
@@ -323,7 +323,7 @@ class ChunkWriter:
                         lines[external_id],
                         "feature_external_id",
                         f"no feature has external_id {feature_external_id!r:.80}",
-                        str(feature_external_id)[:120],
+                        excerpt(str(feature_external_id)),
                     )
                 )
             else:

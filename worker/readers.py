@@ -83,7 +83,8 @@ class _Lines:
                 return
 
 
-def _excerpt(text: str, limit: int = 120) -> str:
+def excerpt(text: str, limit: int = 120) -> str:
+    """A short, printable, storable piece of a bad value (no NUL, no lone surrogates)."""
     text = text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -153,7 +154,7 @@ class CsvReader:
                 continue  # a blank line is not a record
             if lines.bad_utf8:
                 yield Record(
-                    start, lines.offset, None, (None, "invalid UTF-8"), _excerpt(",".join(fields))
+                    start, lines.offset, None, (None, "invalid UTF-8"), excerpt(",".join(fields))
                 )
                 continue
             if len(fields) != width:
@@ -162,7 +163,7 @@ class CsvReader:
                     lines.offset,
                     None,
                     (None, f"expected {width} fields, found {len(fields)}"),
-                    _excerpt(",".join(fields)),
+                    excerpt(",".join(fields)),
                 )
                 continue
             yield Record(start, lines.offset, fields)
@@ -205,14 +206,14 @@ class NdjsonReader:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
-                excerpt = _excerpt(raw.decode("utf-8", "surrogateescape"))
-                yield Record(start, self.offset, None, (None, "invalid UTF-8"), excerpt)
+                shown = excerpt(raw.decode("utf-8", "surrogateescape"))
+                yield Record(start, self.offset, None, (None, "invalid UTF-8"), shown)
                 continue
             try:
                 value = json.loads(text)
             except ValueError as exc:
                 yield Record(
-                    start, self.offset, None, (None, f"invalid JSON: {exc}"), _excerpt(text)
+                    start, self.offset, None, (None, f"invalid JSON: {exc}"), excerpt(text)
                 )
                 continue
             if not isinstance(value, dict):
@@ -221,7 +222,7 @@ class NdjsonReader:
                     self.offset,
                     None,
                     (None, f"expected a JSON object, found {type(value).__name__}"),
-                    _excerpt(text),
+                    excerpt(text),
                 )
                 continue
             yield Record(start, self.offset, value)

@@ -87,6 +87,7 @@ def run_directly(db: Database, settings: Settings, job_id: uuid.UUID) -> Job:
             )
         else:
             jobs.finish(s, lease, JobState.SUCCESS, result=result)
+        s.expire_all()
         return s.get_one(Job, job_id)
 
 
