@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -215,7 +216,7 @@ class ChunkWriter:
         self.counters = counters
         self.job_id = str(run.job_id)
         self.fast_path_cooldown = 0
-        self.fault = _fault(ctx)
+        self.fault = Fault.from_settings(ctx)
         self.connection = engine.raw_connection()
         # Busy time runs from the start of this delivery: reading and validating count.
         self.mark = time.perf_counter()
@@ -235,8 +236,8 @@ class ChunkWriter:
             conn.rollback()
             raise
         conn.commit()
-        if self.fault == ("after_commit", self.counters.chunks):
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self.fault:
+            self.fault.maybe_crash("after_commit", self.counters.chunks)
 
     def _write(self, cursor: Any, chunk: Chunk, offset: int, line: int) -> None:
         c = self.counters
@@ -265,8 +266,8 @@ class ChunkWriter:
                 page_size=len(errors),
             )
         number = c.chunks + 1
-        if self.fault == ("after_copy", number):
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self.fault:
+            self.fault.maybe_crash("after_copy", number)
         now = time.perf_counter()
         after = Counters(
             read=c.read + chunk.read,
@@ -411,13 +412,34 @@ class ChunkPipeline:
             raise self._error
 
 
-def _fault(ctx: JobContext) -> tuple[str, int] | None:
-    """A test-only crash point ("after_copy:3"), honoured only when env is "test"."""
-    spec = ctx.settings.fault
-    if ctx.settings.env != "test" or not spec:
-        return None
-    point, _, number = spec.partition(":")
-    return (point, int(number or 1))
+@dataclass(frozen=True)
+class Fault:
+    """A test-only crash point: ``CONVEYOR_FAULT=after_copy:3`` (or ``after_commit:3``,
+    optionally ``:N`` times) SIGKILLs the worker process at that chunk, to prove a chunk
+    lands exactly once. Honoured only when ``env`` is "test"; a marker file per job counts
+    the crashes so the redelivered job can get past the point."""
+
+    point: str
+    chunk: int
+    times: int
+    marker: Path
+
+    @classmethod
+    def from_settings(cls, ctx: JobContext) -> Fault | None:
+        spec = ctx.settings.fault
+        if ctx.settings.env != "test" or not spec:
+            return None
+        point, chunk, *times = spec.split(":")
+        marker = ctx.settings.state_dir / f"fault-{ctx.job.id}-{point}-{chunk}"
+        return cls(point, int(chunk), int(times[0]) if times else 1, marker)
+
+    def maybe_crash(self, point: str, chunk: int) -> None:
+        if point != self.point or chunk != self.chunk:
+            return
+        fired = int(self.marker.read_text()) if self.marker.exists() else 0
+        if fired < self.times:
+            self.marker.write_text(str(fired + 1))
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def summary(run: ImportRun, counters: Counters) -> dict[str, Any]:
