@@ -32,6 +32,7 @@ KINDS: dict[str, TaskRoute] = {
     "deployment": TaskRoute("conveyor.deployments.run", "deployments"),
 }
 REAP_TASK = "conveyor.maintenance.reap"
+CLEANUP_TASK = "conveyor.maintenance.cleanup"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -69,7 +70,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_queue": "default",
         "task_queues": [Queue(q, routing_key=q) for q in QUEUES],  # type: ignore[no-untyped-call]
         "task_routes": {route.name: {"queue": route.queue} for route in KINDS.values()}
-        | {REAP_TASK: {"queue": "default"}},
+        | {REAP_TASK: {"queue": "default"}, CLEANUP_TASK: {"queue": "default"}},
         "task_publish_retry_policy": {
             "max_retries": 2,
             "interval_start": 0,

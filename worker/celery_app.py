@@ -16,7 +16,7 @@ from typing import Any
 from celery import Celery, signals
 
 from shared.logs import configure_logging
-from shared.queue import REAP_TASK, make_celery
+from shared.queue import CLEANUP_TASK, REAP_TASK, make_celery
 from worker import runtime
 
 # Configured on import, before Celery's own start-up checks write anything (its superuser
@@ -28,6 +28,10 @@ app: Celery = make_celery(runtime.settings())
 app.conf.include = ["worker.canary", "worker.imports", "worker.maintenance"]
 app.conf.beat_schedule = {
     "reap-stale-jobs": {"task": REAP_TASK, "schedule": runtime.settings().reaper_interval_s},
+    "delete-finished-uploads": {
+        "task": CLEANUP_TASK,
+        "schedule": runtime.settings().cleanup_interval_s,
+    },
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select, update
@@ -388,3 +388,36 @@ def test_a_stale_lease_holder_cannot_commit_a_chunk(
 def test_an_unknown_job_id_has_no_import(settings: Settings, committed_db: Database) -> None:
     with committed_db.session() as s:
         assert s.get(ImportRun, uuid.uuid4()) is None
+
+
+def test_finished_imports_files_are_deleted_after_the_grace(
+    settings: Settings, committed_db: Database
+) -> None:
+    from shared.models import Upload
+    from worker.maintenance import delete_finished_uploads
+
+    done = run_directly(committed_db, settings, create_import(committed_db, settings, HEADER))
+    pending = create_import(committed_db, settings, HEADER)  # not run: its file must stay
+    with committed_db.session() as s:
+        assert delete_finished_uploads(s, retention_s=3600) == 0  # still within the grace
+        s.execute(
+            update(Job)
+            .where(Job.id == done.id)
+            .values(finished_at=Job.created_at - timedelta(hours=2))
+        )
+        s.commit()
+        assert delete_finished_uploads(s, retention_s=3600) == 1
+        uploads = {
+            run.job_id: s.get_one(Upload, run.upload_id) for run in s.scalars(select(ImportRun))
+        }
+        lo_count = (
+            s.connection()
+            .exec_driver_sql(
+                "SELECT count(*) FROM pg_largeobject_metadata WHERE oid = %(oid)s",
+                {"oid": uploads[done.id].oid},
+            )
+            .scalar()
+        )
+    assert uploads[done.id].deleted_at is not None
+    assert uploads[pending].deleted_at is None
+    assert lo_count == 0
