@@ -18,7 +18,7 @@ T ?=
 COMPOSE_LINT_ENV := CONVEYOR_TOKEN_PEPPER=lint-placeholder-000000 \
 	CONVEYOR_FLOWER_PASSWORD=lint-placeholder-000000 POSTGRES_PASSWORD=lint-placeholder
 
-.PHONY: help run test lint bench clean compose-tool
+.PHONY: help run test lint bench bench-import clean compose-tool
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -57,9 +57,11 @@ compose-tool:
 		fi; \
 	fi
 
-bench: $(STAMP) ## run the benchmarks in bench/ (they arrive with the import and read-path work)
-	@if [ -d bench ]; then $(BIN)/python -m bench; \
-	else echo "no benchmarks yet: bench/ arrives with the import and read-path work"; fi
+bench: $(STAMP) ## run every benchmark in bench/; ARGS="import --rows 10000000" runs one
+	$(BIN)/python -m bench $(ARGS)
+
+bench-import: $(STAMP) ## import benchmark: psql COPY vs ORM vs Conveyor; ARGS="--rows 1000000,10000000"
+	$(BIN)/python -m bench import $(ARGS)
 
 clean: ## remove caches, build output and .venv (never .conveyor: it holds your data)
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -31,7 +31,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -138,6 +138,12 @@ def _index_defs(engine: Engine, table: str) -> list[str]:
         return sorted(re.sub(r"INDEX \S+ ON \S+ ", "INDEX ON ", r) for r in rows)
 
 
+def _cpu_sampler(services: BenchServices, **extra: Callable[[], list[int]]) -> RssSampler:
+    """A sampler of CPU time: the bench database's backends (if local), plus ``extra``."""
+    backends = _backend_pids(services)
+    return RssSampler({}, {**({"postgres": backends} if backends else {}), **extra})
+
+
 # --- (a) psql \copy ------------------------------------------------------------------------------
 
 
@@ -169,26 +175,27 @@ def run_copy(path: Path, rows: int, services: BenchServices, engine: Engine) -> 
     command = (
         f"\\copy features_copy({','.join(COLUMNS)}) FROM '{path}' WITH (FORMAT csv, HEADER true)"
     )
-    started = time.perf_counter()
-    subprocess.run(
-        [
-            psql_binary(),
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-d",
-            services.libpq_url,
-            "-c",
-            command,
-        ],
-        check=True,
-    )
-    seconds = time.perf_counter() - started
+    argv = [psql_binary(), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", services.libpq_url]
+    psql: list[subprocess.Popen[bytes]] = []
+    load = os.getloadavg()[0]
+    with _cpu_sampler(services, psql=lambda: [p.pid for p in psql]) as sampler:
+        started = time.perf_counter()
+        psql.append(subprocess.Popen([*argv, "-c", command]))
+        if psql[0].wait() != 0:
+            raise RuntimeError(f"(a) psql \\copy failed (exit {psql[0].returncode})")
+        seconds = time.perf_counter() - started
     _verify(engine, "features_copy", rows, "(a) psql \\copy")
     with engine.begin() as conn:
         conn.execute(text("DROP TABLE features_copy"))  # 10M rows are ~2 GB of disk
-    return Result("a", "(a) psql \\copy", rows, seconds, "one transaction, whole file")
+    cpu = sampler.cpu_seconds()
+    return Result(
+        "a",
+        "(a) psql \\copy",
+        rows,
+        seconds,
+        f"one transaction; CPU s: postgres {cpu.get('postgres', 0):.1f}",
+        {"cpu_s": cpu, "load_1m": load},
+    )
 
 
 # --- (b) the seed's bulk_insert_mappings ------------------------------------------------------
@@ -199,7 +206,9 @@ def _records(path: Path, limit: int) -> Iterator[dict[str, str]]:
         yield from itertools.islice(csv.DictReader(f), limit)
 
 
-def run_orm(path: Path, rows: int, engine: Engine, *, render_nulls: bool) -> Result:
+def run_orm(
+    path: Path, rows: int, services: BenchServices, engine: Engine, *, render_nulls: bool
+) -> Result:
     """(b) ``session.bulk_insert_mappings(Feature, batch)``, a commit every 1000 rows.
 
     The conversion is the minimal one a seed writes: empty description → None, an int for
@@ -214,9 +223,11 @@ def run_orm(path: Path, rows: int, engine: Engine, *, render_nulls: bool) -> Res
         conn.execute(text("TRUNCATE features RESTART IDENTITY CASCADE"))
     _checkpoint(engine)
     parse = datetime.fromisoformat
+    load = os.getloadavg()[0]
+    sampler = _cpu_sampler(services, python=lambda: [os.getpid()])
     started = time.perf_counter()
     written = 0
-    with Session(engine) as session:
+    with sampler, Session(engine) as session:
         batch: list[dict[str, Any]] = []
         now = datetime.now(UTC)
         for rec in _records(path, rows):
@@ -247,7 +258,16 @@ def run_orm(path: Path, rows: int, engine: Engine, *, render_nulls: bool) -> Res
     _verify(engine, "features", written, label)
     if written != rows:
         raise RuntimeError(f"{label}: wrote {written:,} rows, expected {rows:,}")
-    return Result(key, label, rows, seconds, "csv.DictReader, 1000 rows/commit")
+    cpu = sampler.cpu_seconds()
+    return Result(
+        key,
+        label,
+        rows,
+        seconds,
+        f"1000 rows/commit; CPU s: python {cpu['python']:.1f}, "
+        f"postgres {cpu.get('postgres', 0):.1f}",
+        {"cpu_s": cpu, "load_1m": load},
+    )
 
 
 # --- (c) Conveyor end to end --------------------------------------------------------------------
@@ -341,6 +361,7 @@ def run_conveyor(
         timeline: list[tuple[float, str, Any]] = []
         backends = _backend_pids(services)
         extra = {"postgres": backends} if backends else {}
+        load = os.getloadavg()[0]
         with RssSampler({"web": [web], "worker": workers}, extra) as sampler:
             started = time.perf_counter()
             job, upload_s = _upload(settings.web_port, token, path)
@@ -393,6 +414,7 @@ def run_conveyor(
             # CPU seconds per group over the run; against wall time and cores it shows who is busy.
             "cpu_s": sampler.cpu_seconds(),
             "wall_s": round(sampler.seconds, 2),
+            "load_1m": load,
             "summary": summary,
             "timeline": timeline,
         },
@@ -484,10 +506,20 @@ def print_report(rows: int, results: list[Result], summary: dict[str, Any]) -> N
     table.add_column("seconds", justify="right")
     table.add_column("rows/s", justify="right")
     table.add_column("vs (a)", justify="right")
+    table.add_column("load", justify="right")  # 1-min load average when the method began
     table.add_column("notes")
     for r in results:
         vs = f"{r.rate / a.rate:.2f}" if a else "—"
-        table.add_row(r.label, f"{r.rows:,}", f"{r.seconds:.1f}", f"{r.rate:,.0f}", vs, r.note)
+        load = r.extra.get("load_1m")
+        table.add_row(
+            r.label,
+            f"{r.rows:,}",
+            f"{r.seconds:.1f}",
+            f"{r.rate:,.0f}",
+            vs,
+            "—" if load is None else f"{load:.1f}",
+            r.note,
+        )
     console.print(table)
 
     per_c = summary["per_c"]
@@ -624,6 +656,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    """Generate the files, then measure (a), (b) and (c) for each size in ``--rows``."""
     sizes = [int(s.replace("_", "")) for s in str(args.rows).split(",") if s.strip()]
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -631,10 +664,11 @@ def run(args: argparse.Namespace) -> None:
     # Generate first: a 10M file takes a couple of minutes and has nothing to measure.
     files = {n: datagen.ensure_file(n, args.seed, CACHE_DIR) for n in sizes}
     ready, missing = conveyor_ready()
-    run_c = not args.skip_c and ready
     if not args.skip_c and not ready:
         console.print(f"[yellow](c) skipped: {missing} not there yet")
+        args.skip_c = True
     summaries: dict[int, dict[str, Any]] = {}
+    b_done: dict[tuple[int, bool], Result] = {}
     with bench_services(CACHE_DIR, keep_db=args.keep_db) as services:
         engine = _engine(services)
         machine = _machine(engine)
@@ -642,76 +676,95 @@ def run(args: argparse.Namespace) -> None:
             f"services: {services.origin}; PostgreSQL {machine['postgresql']}, "
             f"{machine['cpus']} CPUs; logs in {log_dir}"
         )
-        for rows in sizes:
-            path = files[rows]
-            if args.layouts:
-                layouts = [s.strip() for s in args.layouts.split(",") if s.strip()]
-            elif args.workers:
-                layouts = [f"{args.workers}x1"]
-            else:
-                layouts = ["2x1", "1x2"] if rows <= 2_000_000 else ["2x1"]
-            b_rows = min(rows, args.b_rows)
-            console.print(
-                f"\n[bold]{rows:,} rows[/] from {path} ({path.stat().st_size / 1e6:,.0f} MB)"
-            )
-            _warm(path)
-            results: list[Result] = []
-
-            def step(label: str) -> None:
-                console.print(f"  {label} ...", end=" ")
-
-            if not args.skip_a:
-                step("(a) psql \\copy")
-                results.append(run_copy(path, rows, services, engine))
-                console.print(f"{results[-1].rate:,.0f} rows/s")
-            if not args.skip_b:
-                for render_nulls in (False, True):
-                    step(f"(b) bulk_insert_mappings render_nulls={render_nulls} on {b_rows:,} rows")
-                    r = run_orm(path, b_rows, engine, render_nulls=render_nulls)
-                    if b_rows < rows:
-                        r.label += f" [{b_rows:,}-row prefix]"
-                        r.note += "; rate from the prefix"
-                    results.append(r)
-                    console.print(f"{r.rate:,.0f} rows/s")
-            if run_c:
-                for layout in layouts:
-                    step(f"(c) Conveyor {layout}")
-                    r = run_conveyor(path, rows, services, engine, layout, log_dir)
-                    results.append(r)
-                    console.print(f"{r.rate:,.0f} rows/s ({r.note})")
-            summary = summarize(rows, results, b_rows)
-            summaries[rows] = summary
-            print_report(rows, results, summary)
-            out = CACHE_DIR / f"import-{rows}.json"
-            out.write_text(
-                json.dumps(
-                    {
-                        "benchmark": "import",
-                        "run": run_id,
-                        "rows": rows,
-                        "file": str(path),
-                        "file_bytes": path.stat().st_size,
-                        "seed": args.seed,
-                        "services": services.origin,
-                        "machine": machine,
-                        "results": [{**asdict(r), "rows_per_s": round(r.rate)} for r in results],
-                        "summary": summary,
-                        "targets": {
-                            "c_over_a": TARGET_C_OVER_A,
-                            "c_over_b": TARGET_C_OVER_B,
-                            "rss_mb": TARGET_RSS_MB,
-                            "rss_growth": TARGET_RSS_GROWTH,
-                        },
+        try:
+            for rows in sizes:
+                results = _run_size(args, rows, files[rows], services, engine, log_dir, b_done)
+                summaries[rows] = summary = summarize(rows, results, min(rows, args.b_rows))
+                print_report(rows, results, summary)
+                out = CACHE_DIR / f"import-{rows}.json"
+                report = {
+                    "benchmark": "import",
+                    "run": run_id,
+                    "rows": rows,
+                    "file": str(files[rows]),
+                    "file_bytes": files[rows].stat().st_size,
+                    "seed": args.seed,
+                    "services": services.origin,
+                    "machine": machine,
+                    "results": [{**asdict(r), "rows_per_s": round(r.rate)} for r in results],
+                    "summary": summary,
+                    "targets": {
+                        "c_over_a": TARGET_C_OVER_A,
+                        "c_over_b": TARGET_C_OVER_B,
+                        "rss_mb": TARGET_RSS_MB,
+                        "rss_growth": TARGET_RSS_GROWTH,
                     },
-                    indent=2,
-                    default=str,
-                )
-            )
-            console.print(f"results: {out}")
-        engine.dispose()
+                }
+                out.write_text(json.dumps(report, indent=2, default=str))
+                console.print(f"results: {out}")
+        finally:
+            engine.dispose()
     if len(summaries) > 1 and any(s["per_c"] for s in summaries.values()):
         growth = print_growth(summaries)
         largest = CACHE_DIR / f"import-{max(summaries)}.json"
         data = json.loads(largest.read_text())
         data["rss_growth_from"] = {"rows": min(summaries), "growth": growth}
         largest.write_text(json.dumps(data, indent=2, default=str))
+
+
+def _layouts(args: argparse.Namespace, rows: int) -> list[str]:
+    if args.layouts:
+        return [s.strip() for s in args.layouts.split(",") if s.strip()]
+    if args.workers:
+        return [f"{args.workers}x1"]
+    return ["2x1", "1x2"] if rows <= 2_000_000 else ["2x1"]
+
+
+def _run_size(
+    args: argparse.Namespace,
+    rows: int,
+    path: Path,
+    services: BenchServices,
+    engine: Engine,
+    log_dir: Path,
+    b_done: dict[tuple[int, bool], Result],
+) -> list[Result]:
+    """Every method on one file; (b) on the same prefix is measured once per run."""
+    b_rows = min(rows, args.b_rows)
+    console.print(f"\n[bold]{rows:,} rows[/] from {path} ({path.stat().st_size / 1e6:,.0f} MB)")
+    _warm(path)
+    results: list[Result] = []
+
+    def step(label: str) -> None:
+        console.print(f"  {label} ...", end=" ")
+
+    if not args.skip_a:
+        step("(a) psql \\copy")
+        results.append(run_copy(path, rows, services, engine))
+        console.print(f"{results[-1].rate:,.0f} rows/s")
+    if not args.skip_b:
+        for render_nulls in (False, True):
+            step(f"(b) bulk_insert_mappings render_nulls={render_nulls} on {b_rows:,} rows")
+            earlier = b_done.get((b_rows, render_nulls))
+            if earlier is None:
+                r = b_done[(b_rows, render_nulls)] = run_orm(
+                    path, b_rows, services, engine, render_nulls=render_nulls
+                )
+            else:  # the files are prefixes of each other: the same rows, measured above
+                r = replace(earlier, note=earlier.note + "; measured above, same rows")
+            if b_rows < rows:
+                r = replace(r, label=r.label + f" [{b_rows:,}-row prefix]")
+            results.append(r)
+            console.print(f"{r.rate:,.0f} rows/s" + (" (from above)" if earlier else ""))
+    if not args.skip_c:
+        for layout in _layouts(args, rows):
+            step(f"(c) Conveyor {layout}")
+            try:
+                r = run_conveyor(path, rows, services, engine, layout, log_dir)
+            except RuntimeError as exc:
+                # A failed import is a result too: say so loudly, keep the other layouts.
+                console.print(f"[red]FAILED[/]: {exc}\n  logs: {log_dir}")
+                continue
+            results.append(r)
+            console.print(f"{r.rate:,.0f} rows/s ({r.note})")
+    return results

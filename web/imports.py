@@ -41,7 +41,7 @@ from web.errors import BadRequest, NotFound, PayloadTooLarge, Unprocessable, Uns
 from web.extension import conveyor, db_session
 from web.jobs import MAX_PAGE, PROGRESS_FIELDS, job_body, job_url
 from web.links import link
-from web.submission import submit_and_respond
+from web.submission import idempotency_key, submit_and_respond
 from web.validation import query
 
 bp = Blueprint("imports", __name__, url_prefix="/api/v1/imports")
@@ -350,7 +350,8 @@ def _read_header(pieces: Iterator[bytes]) -> tuple[list[str], Iterator[bytes]]:
         columns = next(csv.reader([text], strict=True), [])
     except csv.Error as exc:
         raise _header_problem(f"the header is not valid CSV: {exc}") from None
-    return columns, itertools.chain([bytes(buffer)], pieces)
+    # Names are trimmed, as the worker trims them ("id, name" names "name").
+    return [c.strip() for c in columns], itertools.chain([bytes(buffer)], pieces)
 
 
 def _check_columns(target: str, columns: list[str]) -> None:
@@ -425,6 +426,7 @@ def _discard_upload(upload_id: uuid.UUID) -> Callable[[Session], None]:
 def create_import() -> Response:
     """Store the uploaded file and queue its import; 202 with the job and Location."""
     q = query(ImportQuery)
+    idempotency_key()  # a bad key is refused before the upload, not after it
     settings = conveyor().settings
     limit = settings.import_max_bytes
     max_errors = settings.import_max_errors if q.max_errors is None else q.max_errors

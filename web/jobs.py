@@ -26,6 +26,8 @@ from web.validation import query
 bp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs")
 
 PROGRESS_FIELDS = ("done", "total", "percent", "eta_seconds", "message")
+# Shown only for kinds that count rows (imports).
+ROW_FIELDS = ("rows", "rows_per_s")
 MAX_PAGE_SIZE = 100
 # Bounds OFFSET, which PostgreSQL would otherwise reject (500) past its integer range.
 MAX_PAGE = 1_000_000
@@ -48,6 +50,7 @@ def job_body(job: Job) -> dict[str, Any]:
     progress = None
     if job.progress is not None:
         progress = {name: job.progress.get(name) for name in PROGRESS_FIELDS}
+        progress |= {name: job.progress[name] for name in ROW_FIELDS if name in job.progress}
     error = None
     if job.error is not None:
         error = {"code": job.error.get("code"), "message": job.error.get("message")}

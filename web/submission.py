@@ -45,7 +45,8 @@ _PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]+")
 PUBLISH_RETRY_AFTER_S = 5
 
 
-def _idempotency_key() -> str | None:
+def idempotency_key() -> str | None:
+    """The request's Idempotency-Key header, validated (422 when empty, long or not ASCII)."""
     key = request.headers.get(IDEMPOTENCY_HEADER)
     if key is None:
         return None
@@ -84,7 +85,7 @@ def submit_and_respond(
             on_insert(hook_session, job_id)
 
     try:
-        key = _idempotency_key()
+        key = idempotency_key()
         submitted = jobs.submit(
             session,
             ext.publisher,

@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
+import ctypes.util
 import io
+import json
 import logging
 import os
-import queue
 import signal
-import threading
+import socket
+import struct
 import time
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -159,7 +162,7 @@ class Counters:
 
 @dataclass
 class Chunk:
-    """Records collected since the last commit."""
+    """Records collected since the last commit, on the reading side."""
 
     rows: dict[str, Row] = field(default_factory=dict)  # external_id → last occurrence
     lines: dict[str, int] = field(default_factory=dict)  # external_id → its line
@@ -191,21 +194,94 @@ class Chunk:
     def full(self) -> bool:
         return len(self.rows) + self.duplicate >= CHUNK_ROWS or len(self.errors) >= CHUNK_ROWS
 
+    def encode(self, target: str, offset: int, line: int) -> bytes:
+        """The chunk as a frame for the writer process: a JSON header, then COPY data.
 
-def _copy(cursor: Any, sql: str, rows: list[tuple[Any, ...]]) -> None:
-    """COPY ``rows`` as CSV; None becomes an unquoted empty field, which COPY reads as NULL."""
+        Features travel as two CSV blobs ready for COPY, formatted here on the reading
+        side: rows that give created_at (6 columns) and rows that leave it to the column
+        default (5 columns). The same bytes serve the plain COPY and the staging table.
+        """
+        header: dict[str, Any] = {
+            "offset": offset,
+            "line": line,
+            "read": self.read,
+            "duplicate": self.duplicate,
+            "errors": self.errors,
+            "rows": len(self.rows),
+        }
+        blobs: list[bytes] = []
+        if target == "features":
+            dated = [r for r in self.rows.values() if r[5] is not None]
+            undated = [r[:5] for r in self.rows.values() if r[5] is None]
+            blobs = [_csv_data(dated), _csv_data(undated)]
+        else:
+            header["records"] = [[*r, self.lines[r[0]]] for r in self.rows.values()]
+        header["blobs"] = [len(b) for b in blobs]
+        head = json.dumps(header, separators=(",", ":")).encode()
+        return b"".join([struct.pack(">I", len(head)), head, *blobs])
+
+
+@dataclass
+class Frame:
+    """A chunk as the writer process receives it."""
+
+    offset: int
+    line: int
+    read: int
+    duplicate: int
+    rows: int
+    errors: list[ErrorRow]
+    blobs: list[bytes]
+    records: list[list[Any]]
+
+    @classmethod
+    def parse(cls, message: bytes) -> Frame:
+        """The inverse of ``Chunk.encode``."""
+        (size,) = struct.unpack(">I", message[:4])
+        return cls.decode(json.loads(message[4 : 4 + size]), message[4 + size :])
+
+    @classmethod
+    def decode(cls, head: dict[str, Any], body: bytes) -> Frame:
+        blobs, at = [], 0
+        for size in head["blobs"]:
+            blobs.append(body[at : at + size])
+            at += size
+        return cls(
+            head["offset"],
+            head["line"],
+            head["read"],
+            head["duplicate"],
+            head["rows"],
+            [tuple(e) for e in head["errors"]],
+            blobs,
+            head.get("records", []),
+        )
+
+
+def _csv_data(rows: Iterable[tuple[Any, ...]]) -> bytes:
+    """Rows as CSV for COPY: None becomes an unquoted empty field, which COPY reads as NULL."""
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(rows)
-    data = buffer.getvalue().encode("utf-8")
-    # One read of the whole buffer: each read re-takes the GIL from the reading thread.
-    cursor.copy_expert(sql, io.BytesIO(data), size=len(data) or 1)
+    return buffer.getvalue().encode("utf-8")
+
+
+# SET LOCAL, all three: the job id fills last_import_job_id by column default; naive
+# timestamps mean UTC, as in validation; and COMMIT need not wait for the WAL flush. That
+# last one is safe because a chunk and its checkpoint are one transaction: a chunk lost in
+# a server crash is lost with its checkpoint and simply read again; never half, never twice.
+_CHUNK_SETTINGS = (
+    "SELECT set_config('conveyor.import_job', %(job)s, true),"
+    " set_config('TimeZone', 'UTC', true), set_config('synchronous_commit', 'off', true)"
+)
+_FEATURE_UNDATED = "external_id, name, description, status, complexity_points"
 
 
 class ChunkWriter:
     """Writes one chunk per transaction on a connection of its own (see module docstring).
 
-    A raw psycopg2 connection held for the whole import: four round trips a chunk (set-up
-    and savepoint, COPY, checkpoint with the lease check, COMMIT), no pool checkout or
+    A raw psycopg2 connection held for the whole import, in autocommit mode with the
+    transaction spelled out: BEGIN, the settings, a savepoint and the COPY go as one round
+    trip, then the checkpoint with the lease check, then COMMIT. No pool checkout or
     pre-ping per chunk. That is what keeps a 1000-row transaction close to COPY's speed.
     """
 
@@ -214,50 +290,80 @@ class ChunkWriter:
         self.run = run
         self.target = run.target
         self.counters = counters
+        self.max_errors = run.max_errors
         self.job_id = str(run.job_id)
         self.fast_path_cooldown = 0
         self.fault = Fault.from_settings(ctx)
-        self.connection = engine.raw_connection()
+        self.engine = engine
+        self.connection: Any = None
+        self.begin_sql = ""
         # Busy time runs from the start of this delivery: reading and validating count.
         self.mark = time.perf_counter()
 
-    def close(self) -> None:
-        """Roll back anything unfinished and give the connection back to the pool."""
-        with contextlib.suppress(Exception):
-            self.connection.rollback()
-        self.connection.close()
+    def connect(self) -> None:
+        """Open the writer's connection (in the process that will use it)."""
+        self.connection = self.engine.raw_connection()
+        self.connection.autocommit = True
+        settings_sql = self.connection.cursor().mogrify(_CHUNK_SETTINGS, {"job": self.job_id})
+        self.begin_sql = "BEGIN; " + settings_sql.decode()
 
-    def write(self, chunk: Chunk, offset: int, line: int) -> None:
-        """Commit ``chunk`` with the checkpoint (offset, line); raises LeaseLost/JobCancelled."""
-        conn = self.connection
+    def close(self) -> None:
+        """Roll back anything unfinished and give the connection back."""
+        if self.connection is None:
+            return
+        with contextlib.suppress(Exception):
+            self.connection.cursor().execute("ROLLBACK")
+            self.connection.autocommit = False
+        self.connection.close()
+        self.connection = None
+
+    def write(self, frame: Frame) -> None:
+        """Commit the chunk with its checkpoint; raises LeaseLost, JobCancelled, JobFailed."""
+        cursor = self.connection.cursor()
         try:
-            self._write(conn.cursor(), chunk, offset, line)
+            self._write(cursor, frame)
+            cursor.execute("COMMIT")
         except BaseException:
-            conn.rollback()
+            with contextlib.suppress(psycopg2.Error):
+                cursor.execute("ROLLBACK")
             raise
-        conn.commit()
         if self.fault:
             self.fault.maybe_crash("after_commit", self.counters.chunks)
+        if self.counters.rejected > self.max_errors:
+            raise jobs.JobFailed(
+                "too_many_errors",
+                f"{self.counters.rejected} rows were rejected, more than "
+                f"max_errors={self.max_errors}; the rows and the error report so far are kept",
+            )
 
-    def _write(self, cursor: Any, chunk: Chunk, offset: int, line: int) -> None:
+    def _write(self, cursor: Any, frame: Frame) -> None:
         c = self.counters
-        # SET LOCAL, all three: the job id fills last_import_job_id by column default;
-        # naive timestamps mean UTC as in validation; and COMMIT need not wait for the
-        # WAL flush. That last one is safe because a chunk and its checkpoint are one
-        # transaction: a chunk lost in a server crash is lost with its checkpoint and is
-        # simply read again; never half of it, never twice.
-        cursor.execute(
-            "SELECT set_config('conveyor.import_job', %s, true),"
-            " set_config('TimeZone', 'UTC', true),"
-            " set_config('synchronous_commit', 'off', true)",
-            (self.job_id,),
-        )
-        rows = list(chunk.rows.values())
-        errors = chunk.errors
-        if self.target == "test_cases":
-            rows, refused = self._resolve_features(cursor, rows, chunk.lines)
-            errors = errors + refused
-        inserted, updated, seen = self._write_rows(cursor, rows)
+        errors = list(frame.errors)
+        rows = frame.rows
+        inserted = updated = seen = 0
+        if self.target == "features" and rows and self.fast_path_cooldown == 0:
+            dated, undated = frame.blobs
+            try:
+                self._copy(
+                    cursor, f"{self.begin_sql}; SAVEPOINT conveyor_fast", "features", dated, undated
+                )
+                inserted = rows
+            except psycopg2.errors.UniqueViolation:
+                # Some rows exist already (a re-import, or a duplicate across chunks).
+                cursor.execute("ROLLBACK TO SAVEPOINT conveyor_fast")
+                self.fast_path_cooldown = FAST_PATH_RETRY_EVERY
+                inserted, updated, seen = self._upsert(cursor, dated, undated)
+        else:
+            cursor.execute(self.begin_sql)
+            self.fast_path_cooldown = max(0, self.fast_path_cooldown - 1)
+            if self.target == "test_cases" and frame.records:
+                staged, refused = self._resolve_features(cursor, frame.records)
+                errors += refused
+                rows = len(staged)
+                if staged:
+                    inserted, updated, seen = self._upsert(cursor, _csv_data(staged), b"")
+            elif rows:
+                inserted, updated, seen = self._upsert(cursor, *frame.blobs)
         if errors:
             execute_values(
                 cursor,
@@ -270,17 +376,17 @@ class ChunkWriter:
             self.fault.maybe_crash("after_copy", number)
         now = time.perf_counter()
         after = Counters(
-            read=c.read + chunk.read,
+            read=c.read + frame.read,
             inserted=c.inserted + inserted,
             updated=c.updated + updated,
-            unchanged=c.unchanged + len(rows) - inserted - updated,
+            unchanged=c.unchanged + rows - inserted - updated,
             rejected=c.rejected + len(errors),
-            duplicate=c.duplicate + chunk.duplicate + seen,
+            duplicate=c.duplicate + frame.duplicate + seen,
             chunks=number,
             busy_s=c.busy_s + (now - self.mark),
         )
         progress = jobs.progress_payload(
-            offset, self.run.size_bytes or None, self.ctx.job.started_at, f"{after.read} rows"
+            frame.offset, self.run.size_bytes or None, self.ctx.job.started_at, f"{after.read} rows"
         )
         progress.update(
             rows=after.read,
@@ -295,8 +401,8 @@ class ChunkWriter:
                 "holder": lease.holder,
                 "ttl": self.ctx.settings.job_lease_s,
                 "progress": Json(progress),
-                "offset": offset,
-                "line": line,
+                "offset": frame.offset,
+                "line": frame.line,
                 **{f"c_{k}": v for k, v in vars(after).items()},
             },
         )
@@ -305,23 +411,40 @@ class ChunkWriter:
         vars(c).update(vars(after))
         self.mark = now
 
+    def _copy(self, cursor: Any, prefix: str, table: str, dated: bytes, undated: bytes) -> None:
+        """COPY the two feature blobs into ``table``; ``prefix`` rides along the first one."""
+        copies = [(_FEATURE_COLUMNS, dated), (_FEATURE_UNDATED, undated)]
+        for columns, data in copies:
+            if not data:
+                continue
+            cursor.copy_expert(
+                f"{prefix}; COPY {table} ({columns}) FROM STDIN WITH (FORMAT csv)"
+                if prefix
+                else f"COPY {table} ({columns}) FROM STDIN WITH (FORMAT csv)",
+                io.BytesIO(data),
+                size=len(data),
+            )
+            prefix = ""
+        if prefix:
+            cursor.execute(prefix)
+
     def _resolve_features(
-        self, cursor: Any, rows: list[Row], lines: dict[str, int]
+        self, cursor: Any, records: list[list[Any]]
     ) -> tuple[list[Row], list[ErrorRow]]:
         """Swap feature_external_id for feature_id; rows naming no feature are refused."""
-        wanted = list({r[1] for r in rows})
+        wanted = list({r[1] for r in records})
         cursor.execute(
             "SELECT external_id, id FROM features WHERE external_id = ANY(%s)", (wanted,)
         )
         ids = dict(cursor.fetchall())
         resolved: list[Row] = []
         refused: list[ErrorRow] = []
-        for external_id, feature_external_id, name, status in rows:
+        for external_id, feature_external_id, name, status, line in records:
             feature_id = ids.get(feature_external_id)
             if feature_id is None:
                 refused.append(
                     (
-                        lines[external_id],
+                        line,
                         "feature_external_id",
                         f"no feature has external_id {feature_external_id!r:.80}",
                         excerpt(str(feature_external_id)),
@@ -331,85 +454,174 @@ class ChunkWriter:
                 resolved.append((external_id, feature_id, name, status))
         return resolved, refused
 
-    def _write_rows(self, cursor: Any, rows: list[Row]) -> tuple[int, int, int]:
-        """(inserted, updated, seen-earlier-in-this-import) for the chunk's rows."""
-        if not rows:
-            return 0, 0, 0
-        table, columns = (
-            ("features", _FEATURE_COLUMNS)
-            if self.target == "features"
-            else ("test_cases", _TEST_CASE_COLUMNS)
-        )
-        if self.fast_path_cooldown == 0:
-            cursor.execute("SAVEPOINT conveyor_fast")
-            try:
-                _copy(
-                    cursor,
-                    f"COPY {table} ({columns}) FROM STDIN WITH (FORMAT csv)",
-                    self._with_defaults(rows),
-                )
-            except psycopg2.errors.UniqueViolation:
-                cursor.execute("ROLLBACK TO SAVEPOINT conveyor_fast")
-                self.fast_path_cooldown = FAST_PATH_RETRY_EVERY
-            else:
-                cursor.execute("RELEASE SAVEPOINT conveyor_fast")
-                return len(rows), 0, 0
-        else:
-            self.fast_path_cooldown -= 1
+    def _upsert(self, cursor: Any, data: bytes, undated: bytes) -> tuple[int, int, int]:
+        """Stage the rows and upsert them: (inserted, updated, seen earlier in this import)."""
+        table = self.target
         cursor.execute(_STAGE_DDL[table])
-        _copy(cursor, f"COPY import_stage_{table} ({columns}) FROM STDIN WITH (FORMAT csv)", rows)
+        if table == "features":
+            self._copy(cursor, "", "import_stage_features", data, undated)
+        else:
+            cursor.copy_expert(
+                f"COPY import_stage_test_cases ({_TEST_CASE_COLUMNS}) FROM STDIN WITH (FORMAT csv)",
+                io.BytesIO(data),
+                size=len(data),
+            )
         cursor.execute(_UPSERT[table], {"job": self.job_id})
         inserted, updated, seen = cursor.fetchone()
         return int(inserted), int(updated), int(seen)
 
-    def _with_defaults(self, rows: list[Row]) -> list[Row]:
-        """Plain COPY bypasses column defaults for the columns it names: fill created_at."""
-        if self.target != "features":
-            return rows
-        now = datetime.now(UTC).isoformat()
-        return [r if r[5] is not None else (*r[:5], now) for r in rows]
+
+def _send(sock: socket.socket, payload: bytes) -> None:
+    sock.sendall(struct.pack(">I", len(payload)) + payload)
 
 
-class ChunkPipeline:
-    """Writes chunks on a thread of its own while the caller reads the next one.
+def _receive(sock: socket.socket) -> bytes | None:
+    """One length-prefixed message, or None at end of stream."""
+    size = _exact(sock, 4)
+    return None if size is None else _exact(sock, struct.unpack(">I", size)[0])
 
-    Reading and validating are Python work; a chunk's COPY and COMMIT are mostly waiting
-    on PostgreSQL (psycopg2 releases the GIL), so the two overlap. Order and the
-    one-transaction-per-chunk rule are unchanged: one writer, chunks in file order, at
-    most one chunk waiting (memory stays bounded). The writer has its own connection.
-    Its first exception (lease lost, cancelled, too many errors, a database error) stops
-    it and is raised in the caller at the next ``submit`` or at ``close``.
+
+def _exact(sock: socket.socket, size: int) -> bytes | None:
+    buffer = bytearray()
+    while len(buffer) < size:
+        piece = sock.recv(min(size - len(buffer), 1 << 20))
+        if not piece:
+            return None
+        buffer += piece
+    return bytes(buffer)
+
+
+class WriterProcess:
+    """The chunk writer in a process of its own, fed chunk frames over a socket pair.
+
+    Reading and validating are Python work; COPY and COMMIT are mostly waiting on
+    PostgreSQL. In one process, threads cannot overlap them (measured: a busy reading
+    thread makes psycopg2's COPY 2.5 times slower through the GIL), so the writer is forked
+    and both cores work. Order and the one-transaction-per-chunk rule are unchanged: one
+    writer, chunks in file order, at most two in flight. The writer dies with its parent
+    (PR_SET_PDEATHSIG): a killed worker leaves no half-written chunk behind, since an
+    uncommitted transaction dies with its connection. Messages are JSON and bytes.
     """
 
-    def __init__(self, write: Callable[[Chunk, int, int], None]) -> None:
-        self._write = write
-        self._queue: queue.Queue[tuple[Chunk, int, int] | None] = queue.Queue(maxsize=1)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="chunk-writer", daemon=True)
-        self._thread.start()
+    IN_FLIGHT = 2
 
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self._error is not None:
-                continue  # drain: the caller learns of the error at its next call
+    def __init__(self, writer: ChunkWriter) -> None:
+        self.counters = writer.counters
+        self.in_flight = 0
+        self.failure: BaseException | None = None
+        ours, theirs = socket.socketpair()
+        for sock in (ours, theirs):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        pid = os.fork()
+        if pid == 0:  # the writer
+            ours.close()
+            code = 1
             try:
-                self._write(*item)
-            except BaseException as exc:  # handed to the caller's thread, not lost
-                self._error = exc
+                _writer_main(theirs, writer)
+                code = 0
+            finally:
+                os._exit(code)  # never run the parent's atexit hooks or finalizers
+        theirs.close()
+        self.pid = pid
+        self.sock = ours
 
-    def submit(self, chunk: Chunk, offset: int, line: int) -> None:
+    def submit(self, frame: bytes) -> None:
+        """Hand a chunk to the writer; raises what the writer raised for an earlier one."""
         self._raise()
-        self._queue.put((chunk, offset, line))
+        _send(self.sock, frame)
+        self.in_flight += 1
+        while self.in_flight >= self.IN_FLIGHT:
+            self._collect()
 
     def close(self) -> None:
-        """Wait for every submitted chunk to commit; raise the writer's error, if any."""
-        self._queue.put(None)
-        self._thread.join()
+        """Wait for every chunk to commit; raise the writer's error, if any."""
+        try:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_WR)
+            while self.in_flight and self.failure is None:
+                self._collect()
+        finally:
+            self.sock.close()
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+        self._raise()
+
+    def _collect(self) -> None:
+        message = _receive(self.sock)
+        self.in_flight -= 1
+        if message is None:
+            self.failure = RuntimeError("the import's writer process died")
+            self.in_flight = 0
+            self._raise()
+            return
+        reply = json.loads(message)
+        if "counters" in reply:
+            vars(self.counters).update(reply["counters"])
+        error = reply.get("error")
+        if error:
+            self.in_flight = 0
+            self.failure = _error_from(reply)
         self._raise()
 
     def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
+        if self.failure is not None:
+            raise self.failure
+
+
+def _writer_main(sock: socket.socket, writer: ChunkWriter) -> None:
+    """The writer process: write each frame, answer with the counters or the error."""
+    _die_with_parent()
+    # Ctrl-C in a terminal reaches the whole group; the parent decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Forked with the parent's pooled connections: never touch those (SQLAlchemy, "Using
+    # Connection Pools with Multiprocessing or os.fork()").
+    writer.engine.dispose(close=False)
+    writer.connect()
+    try:
+        while (message := _receive(sock)) is not None:
+            frame = Frame.parse(message)
+            reply: dict[str, Any]
+            try:
+                writer.write(frame)
+                reply = {"counters": vars(writer.counters)}
+            except jobs.LeaseLost as exc:
+                reply = {"error": "lease_lost", "message": str(exc)}
+            except jobs.JobCancelled as exc:
+                reply = {"error": "cancelled", "message": str(exc)}
+            except jobs.JobFailed as exc:
+                reply = {
+                    "error": "failed",
+                    "code": exc.code,
+                    "message": exc.message,
+                    "counters": vars(writer.counters),
+                }
+            except Exception as exc:
+                reply = {"error": "crash", "message": f"{type(exc).__name__}: {exc}"[:500]}
+            _send(sock, json.dumps(reply).encode())
+            if "error" in reply:
+                return
+    finally:
+        writer.close()
+
+
+def _error_from(reply: dict[str, Any]) -> BaseException:
+    kind, message = reply["error"], reply.get("message", "")
+    if kind == "lease_lost":
+        return jobs.LeaseLost(message)
+    if kind == "cancelled":
+        return jobs.JobCancelled(message)
+    if kind == "failed":
+        return jobs.JobFailed(reply["code"], message)
+    return RuntimeError(f"the import's writer failed: {message}")
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux)."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(libc_name, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -439,6 +651,8 @@ class Fault:
         fired = int(self.marker.read_text()) if self.marker.exists() else 0
         if fired < self.times:
             self.marker.write_text(str(fired + 1))
+            # The writer process and the worker process that forked it, as a crash would.
+            os.kill(os.getppid(), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -473,7 +687,6 @@ def run_import(ctx: JobContext) -> dict[str, Any]:
         raise jobs.JobFailed("upload_missing", "the uploaded file is no longer stored")
     counters = Counters.of(run)
     ctx.partial_result = summary(run, counters)
-    max_errors = run.max_errors
     bind = session.get_bind()
     engine = bind if isinstance(bind, Engine) else bind.engine
     writer = ChunkWriter(ctx, run, counters, engine)
@@ -488,33 +701,25 @@ def run_import(ctx: JobContext) -> dict[str, Any]:
             else VALIDATORS[run.target]
         )
 
-        def commit(chunk: Chunk, offset: int, line: int) -> None:
-            writer.write(chunk, offset, line)
-            ctx.partial_result = summary(run, counters)
-            if counters.rejected > max_errors:
-                raise jobs.JobFailed(
-                    "too_many_errors",
-                    f"{counters.rejected} rows were rejected, more than "
-                    f"max_errors={max_errors}; the rows and the error report so far are kept",
-                )
-
-        pipeline = ChunkPipeline(commit)
+        pipeline = WriterProcess(writer)
         try:
             chunk = Chunk()
+            target = run.target
             for record in reader:
                 chunk.add(record, validate, reader)
                 if chunk.full:
-                    pipeline.submit(chunk, reader.offset, reader.line)
+                    pipeline.submit(chunk.encode(target, reader.offset, reader.line))
+                    ctx.partial_result = summary(run, counters)
                     chunk = Chunk()
                     if ctx.slice_over():
                         pipeline.close()
                         raise jobs.SliceDone
-            pipeline.submit(chunk, reader.offset, reader.line)
+            pipeline.submit(chunk.encode(target, reader.offset, reader.line))
         finally:
             try:
                 pipeline.close()
             finally:
-                writer.close()
+                ctx.partial_result = summary(run, counters)
     session.execute(
         update(ImportRun).where(ImportRun.job_id == job_id).values(finished_at=datetime.now(UTC))
     )

@@ -147,7 +147,7 @@ class CsvReader:
             except csv.Error as exc:
                 reason = str(exc)
                 if "field larger than field limit" in reason:
-                    reason = f"a field is larger than {MAX_FIELD_BYTES} bytes"
+                    reason = f"a field is longer than {MAX_FIELD_BYTES} characters"
                 yield Record(start, lines.offset, None, (None, f"malformed CSV: {reason}"), "")
                 continue
             if not fields:

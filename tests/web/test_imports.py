@@ -11,9 +11,13 @@ import csv
 import gzip
 import hashlib
 import io
+import re
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +32,7 @@ from werkzeug.test import TestResponse
 from shared.db import Database
 from shared.models import ImportError_, ImportRun, Job, Upload
 from shared.settings import Settings
+from tests.conftest import ROOT, child_env, wait_until
 from tests.web.conftest import (
     Token,
     Tokens,
@@ -37,6 +42,7 @@ from tests.web.conftest import (
     problem,
     queued_message,
     set_job,
+    unused_port,
 )
 
 URL = "/api/v1/imports"
@@ -263,6 +269,15 @@ def test_header_only_csv_is_a_valid_empty_import(
     for content in (b"external_id,name", b"external_id,name\r\n"):
         response = post_import(client, tokens.write, content)
         assert_accepted(response, committed_db, broker, content)
+
+
+def test_header_names_are_trimmed(
+    client: FlaskClient, tokens: Tokens, committed_db: Database, broker: redis.Redis
+) -> None:
+    content = b" external_id , name\t\nF-1,x\n"
+    response = post_import(client, tokens.write, content)
+    _, run, _ = assert_accepted(response, committed_db, broker, content)
+    assert run.header == {"columns": ["external_id", "name"]}
 
 
 def test_quoted_header_with_a_newline_in_a_later_field(
@@ -715,6 +730,38 @@ def test_another_owner_may_reuse_the_key(
     assert a.get_json()["id"] != b.get_json()["id"]
 
 
+@pytest.mark.parametrize("dead_redis_url", ["refused"], indirect=True)
+def test_broker_down_keeps_the_file_for_the_job_and_a_retry_stores_no_second(
+    dead_redis_app: Flask,
+    client: FlaskClient,
+    tokens: Tokens,
+    committed_db: Database,
+    broker: redis.Redis,
+) -> None:
+    headers = {"Idempotency-Key": "import-during-outage"}
+    before = counts(committed_db)
+    down = dead_redis_app.test_client()
+    first = problem(post_import(down, tokens.write, FEATURES_CSV, headers=headers), 503)
+    # The job is recorded (the reaper will queue it): its file and import row stay with it.
+    job, run, _, data = stored_file(committed_db, first["job_id"])
+    assert job.state == "PENDING"
+    assert job.published_at is None
+    assert data == FEATURES_CSV
+    assert run.target == "features"
+    recorded = counts(committed_db)
+    assert recorded == {k: v + 1 for k, v in before.items()}
+
+    again = problem(post_import(down, tokens.write, FEATURES_CSV, headers=headers), 503)
+    assert again["job_id"] == first["job_id"]
+    assert counts(committed_db) == recorded  # the retry's own copy was discarded
+
+    recovered = post_import(client, tokens.write, FEATURES_CSV, headers=headers)
+    assert recovered.status_code == 200
+    assert recovered.get_json()["id"] == first["job_id"]
+    assert counts(committed_db) == recorded
+    queued_message(broker, first["job_id"], queue="imports")
+
+
 # --- through a real HTTP server ----------------------------------------------------------------
 
 
@@ -763,6 +810,81 @@ def test_chunked_transfer_encoding_over_http(
     )
     assert response.status_code == 413
     assert response.headers["Content-Type"] == "application/problem+json"
+    assert counts(committed_db) == accepted
+
+
+@pytest.fixture
+def small_gunicorn(settings: Settings, committed_db: Database, tmp_path: Path) -> Iterator[str]:
+    """gunicorn (which de-chunks request bodies itself) with a 1000-byte upload limit."""
+    port = unused_port()
+    log_path = tmp_path / "gunicorn.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "web.wsgi:app",
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--workers",
+                "1",
+                "--worker-class",
+                "gthread",
+                "--threads",
+                "4",
+                "--no-control-socket",
+            ],
+            cwd=ROOT,
+            env=child_env(settings, CONVEYOR_IMPORT_MAX_BYTES=str(SMALL_LIMIT)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"gunicorn exited:\n{log_path.read_text()[-4000:]}")
+        try:
+            return requests.get(f"{url}/healthz", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    try:
+        wait_until(ready, timeout=30)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_chunked_and_sized_uploads_under_gunicorn(
+    small_gunicorn: str, tokens: Tokens, committed_db: Database, broker: redis.Redis
+) -> None:
+    url = f"{small_gunicorn}{URL}?target=features"
+    headers = {**tokens.write.headers, "Content-Type": "text/csv"}
+    content = features_csv(20)
+    response = requests.post(url, data=_generate(content), headers=headers, timeout=30)
+    assert response.status_code == 202, response.text
+    assert stored_file(committed_db, response.json()["id"])[3] == content
+    accepted = counts(committed_db)
+
+    too_big = features_csv(100)
+    for body in (_generate(too_big), too_big):  # chunked, then with Content-Length
+        response = requests.post(url, data=body, headers=headers, timeout=30)
+        assert response.status_code == 413
+        assert response.headers["Content-Type"] == "application/problem+json"
+    gzipped = requests.post(
+        url,
+        data=_generate(gzip.compress(too_big)),
+        headers={**headers, "Content-Encoding": "gzip"},
+        timeout=30,
+    )
+    assert gzipped.status_code == 413
     assert counts(committed_db) == accepted
 
 
@@ -1040,3 +1162,27 @@ def test_import_progress_is_readable_through_the_job(
     body = client.get(f"/api/v1/jobs/{job_id}", headers=tokens.write.headers).get_json()
     assert body["kind"] == "import"
     assert body["params"]["target"] == "features"
+
+
+# --- the API description ---------------------------------------------------------------------
+
+
+def test_openapi_documents_every_route(app: Flask) -> None:
+    """docs/openapi.yaml lists exactly the routes and methods the app serves."""
+    documented: dict[str, set[str]] = {}
+    path = None
+    for line in (ROOT / "docs" / "openapi.yaml").read_text().splitlines():
+        if match := re.fullmatch(r"  (/\S*):", line):
+            path = match.group(1)
+            documented[path] = set()
+        elif line and not line.startswith(" "):
+            path = None
+        elif path and (match := re.fullmatch(r"    (get|put|post|patch|delete):", line)):
+            documented[path].add(match.group(1).upper())
+    served: dict[str, set[str]] = {}
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        route = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
+        served.setdefault(route, set()).update((rule.methods or set()) - {"HEAD", "OPTIONS"})
+    assert documented == served

@@ -356,7 +356,7 @@ def test_too_many_errors_fails_and_keeps_what_landed(
 def test_a_stale_lease_holder_cannot_commit_a_chunk(
     settings: Settings, committed_db: Database
 ) -> None:
-    from worker.imports import Chunk, ChunkWriter, Counters
+    from worker.imports import Chunk, ChunkWriter, Counters, Frame
     from worker.readers import Record
     from worker.rows import validate_feature
     from worker.tasks import JobContext
@@ -368,6 +368,7 @@ def test_a_stale_lease_holder_cannot_commit_a_chunk(
         run = s.get_one(ImportRun, job_id)
         ctx = JobContext(s, stale, s.get_one(Job, job_id), settings, time.monotonic())
         writer = ChunkWriter(ctx, run, Counters(), committed_db.engine)
+        writer.connect()
         # Another delivery takes over (the old one's lease lapsed while it was stalled).
         s.execute(
             update(Job).where(Job.id == job_id).values(lease_expires_at=func.clock_timestamp())
@@ -378,7 +379,7 @@ def test_a_stale_lease_holder_cannot_commit_a_chunk(
         chunk.add(Record(2, 10, {"external_id": "X-1", "name": "x"}), validate_feature, None)
         try:
             with pytest.raises(jobs.LeaseLost):
-                writer.write(chunk, 10, 2)
+                writer.write(Frame.parse(chunk.encode("features", 10, 2)))
         finally:
             writer.close()
         assert s.get_one(ImportRun, job_id).chunks == 0
