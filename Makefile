@@ -22,7 +22,7 @@ COMPOSE_LINT_ENV := CONVEYOR_TOKEN_PEPPER=lint-placeholder-000000 \
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
-		awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-8s\033[0m %s\n", $$1, $$2}'
+		awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-13s\033[0m %s\n", $$1, $$2}'
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "Conveyor needs Python 3.11 or newer on PATH" >&2; exit 1; }

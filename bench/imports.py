@@ -492,6 +492,8 @@ def summarize(rows: int, results: list[Result], b_rows: int) -> dict[str, Any]:
             "c_over_b": c.rate / best_b.rate if best_b else None,
             "web_peak_process_mb": rss["web"]["peak_process_rss_mb"],
             "worker_peak_process_mb": rss["worker"]["peak_process_rss_mb"],
+            "web_peak_child_mb": rss["web"].get("peak_child_rss_mb"),
+            "worker_peak_child_mb": rss["worker"].get("peak_child_rss_mb"),
             "web_peak_tree_mb": rss["web"]["peak_tree_rss_mb"],
             "worker_peak_tree_mb": rss["worker"]["peak_tree_rss_mb"],
         }
@@ -531,6 +533,7 @@ def print_report(rows: int, results: list[Result], summary: dict[str, Any]) -> N
     targets.add_column(f"c/b ≥ {TARGET_C_OVER_B:.0f} (b: {summary['best_b']})", justify="right")
     targets.add_column(f"web peak RSS < {TARGET_RSS_MB:.0f} MB", justify="right")
     targets.add_column(f"worker peak RSS < {TARGET_RSS_MB:.0f} MB", justify="right")
+    targets.add_column("children web / worker (MB)", justify="right")
     targets.add_column("tree sums web / worker (MB)", justify="right")
     for key, s in per_c.items():
         ca, cb = s["c_over_a"], s["c_over_b"]
@@ -541,6 +544,7 @@ def print_report(rows: int, results: list[Result], summary: dict[str, Any]) -> N
             f"{s['web_peak_process_mb']:.0f} {_mark(s['web_peak_process_mb'] < TARGET_RSS_MB)}",
             f"{s['worker_peak_process_mb']:.0f} "
             f"{_mark(s['worker_peak_process_mb'] < TARGET_RSS_MB)}",
+            f"{s['web_peak_child_mb'] or 0:.0f} / {s['worker_peak_child_mb'] or 0:.0f}",
             f"{s['web_peak_tree_mb']:.0f} / {s['worker_peak_tree_mb']:.0f}",
         )
     console.print(targets)
@@ -568,9 +572,18 @@ def print_report(rows: int, results: list[Result], summary: dict[str, Any]) -> N
         )
     console.print(spent)
     console.print(
-        "RSS: peak of the largest single process (gunicorn worker, Celery pool process); "
-        "tree sums count fork-shared pages once per process."
+        "RSS: the targets use the largest single process (master or child); children are "
+        "gunicorn workers and Celery pool processes, which handle the data; tree sums count "
+        "fork-shared pages once per process."
     )
+
+
+GROWTH_METRICS = (
+    ("web", "web_peak_process_mb", "largest process"),
+    ("web", "web_peak_child_mb", "gunicorn workers"),
+    ("worker", "worker_peak_process_mb", "largest process"),
+    ("worker", "worker_peak_child_mb", "pool processes + their children"),
+)
 
 
 def print_growth(summaries: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -583,25 +596,27 @@ def print_growth(summaries: dict[int, dict[str, Any]]) -> dict[str, Any]:
         f"{TARGET_RSS_GROWTH:.0%})",
         title_justify="left",
     )
-    table.add_column("(c) layout")
-    table.add_column("web MB", justify="right")
-    table.add_column("web growth", justify="right")
-    table.add_column("worker MB", justify="right")
-    table.add_column("worker growth", justify="right")
+    for name in ("(c) layout", "side", "peak of", f"{sizes[0]:,} MB", f"{sizes[-1]:,} MB"):
+        table.add_column(name, justify="right" if "MB" in name else "left")
+    table.add_column("growth", justify="right")
     for key in large["per_c"]:
         if key not in small["per_c"]:
             continue
         s, g = small["per_c"][key], large["per_c"][key]
-        web = g["web_peak_process_mb"] / s["web_peak_process_mb"] - 1
-        wrk = g["worker_peak_process_mb"] / s["worker_peak_process_mb"] - 1
-        growth[key] = {"web": web, "worker": wrk}
-        table.add_row(
-            key.removeprefix("c_"),
-            f"{s['web_peak_process_mb']:.0f} → {g['web_peak_process_mb']:.0f}",
-            f"{web:+.1%} {_mark(web < TARGET_RSS_GROWTH)}",
-            f"{s['worker_peak_process_mb']:.0f} → {g['worker_peak_process_mb']:.0f}",
-            f"{wrk:+.1%} {_mark(wrk < TARGET_RSS_GROWTH)}",
-        )
+        growth[key] = {}
+        for side, metric, what in GROWTH_METRICS:
+            if not s.get(metric) or g.get(metric) is None:
+                continue
+            change = g[metric] / s[metric] - 1
+            growth[key][metric] = change
+            table.add_row(
+                key.removeprefix("c_"),
+                side,
+                what,
+                f"{s[metric]:.0f}",
+                f"{g[metric]:.0f}",
+                f"{change:+.1%} {_mark(change < TARGET_RSS_GROWTH)}",
+            )
     console.print(table)
     return growth
 
@@ -701,6 +716,9 @@ def run(args: argparse.Namespace) -> None:
                     },
                 }
                 out.write_text(json.dumps(report, indent=2, default=str))
+                # The run's own copy: a later partial run (--skip-a ...) overwrites ``out``.
+                log_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(out, log_dir / out.name)
                 console.print(f"results: {out}")
         finally:
             engine.dispose()
@@ -710,6 +728,7 @@ def run(args: argparse.Namespace) -> None:
         data = json.loads(largest.read_text())
         data["rss_growth_from"] = {"rows": min(summaries), "growth": growth}
         largest.write_text(json.dumps(data, indent=2, default=str))
+        shutil.copyfile(largest, log_dir / largest.name)
 
 
 def _layouts(args: argparse.Namespace, rows: int) -> list[str]:

@@ -124,16 +124,30 @@ class GroupPeak:
     """Peak resident memory of a group of process trees (all web, or all workers)."""
 
     tree_mb: float = 0.0  # the largest single tree: a master and its children, summed
-    process_mb: float = 0.0  # the largest single process
+    process_mb: float = 0.0  # the largest single process, master or child
     process_name: str = ""
+    # The largest process below a master: a gunicorn worker, a Celery pool process (and
+    # whatever it starts). These handle the data; a master's size does not depend on it.
+    child_mb: float = 0.0
     processes: int = 0  # most processes seen at once in the group
+    per_process: dict[str, float] = field(default_factory=dict)  # "name:pid:role" → peak MB
+
+    def add(self, label: str, rss: float, *, child: bool) -> None:
+        self.per_process[label] = max(self.per_process.get(label, 0.0), rss)
+        if rss > self.process_mb:
+            self.process_mb, self.process_name = rss, label
+        if child:
+            self.child_mb = max(self.child_mb, rss)
 
     def as_dict(self) -> dict[str, object]:
+        top = sorted(self.per_process.items(), key=lambda kv: -kv[1])[:8]
         return {
             "peak_tree_rss_mb": round(self.tree_mb, 1),
             "peak_process_rss_mb": round(self.process_mb, 1),
             "peak_process": self.process_name,
+            "peak_child_rss_mb": round(self.child_mb, 1),
             "processes": self.processes,
+            "per_process_peak_mb": {k: round(v, 1) for k, v in top},
         }
 
 
@@ -179,16 +193,17 @@ class RssSampler:
             for child in children:
                 total = 0.0
                 for proc in child.tree():
+                    master = proc.pid == child.proc.pid
                     try:
                         rss = proc.memory_info().rss / MB
-                        label = f"{child.name}:{proc.pid}:{proc.name()}"
+                        role = "master" if master else "child"
+                        label = f"{child.name}:{proc.pid}:{role}"
                         self._cpu(name, proc)
                     except psutil.Error:
                         continue
                     count += 1
                     total += rss
-                    if rss > peak.process_mb:
-                        peak.process_mb, peak.process_name = rss, label
+                    peak.add(label, rss, child=not master)
                 peak.tree_mb = max(peak.tree_mb, total)
             peak.processes = max(peak.processes, count)
         for name, pids in self.extra.items():
