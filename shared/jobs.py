@@ -295,16 +295,23 @@ def progress_payload(
     }
 
 
-# ``checkpoint``'s rule as SQL, for writers on a raw connection (the import's chunk
-# writer) that fold it into their own statement: renew only while the fencing token and
-# holder are still ours. Parameters: job, token, holder, ttl (seconds), progress (JSON).
-RENEW_LEASE_SQL = """
+def renew_lease_sql(progress: str = "%(progress)s", source: str = "", join: str = "") -> str:
+    """``checkpoint``'s rule as SQL, for writers on a raw connection that fold it into
+    their own statement: renew only while the fencing token and holder are still ours.
+
+    ``progress`` is an SQL expression for the new progress (default: a bound parameter),
+    ``source`` an optional FROM list it may refer to and ``join`` the condition tying it.
+    Parameters: job, token, holder, ttl (seconds). Returns ``cancel_requested``.
+    """
+    return f"""
     UPDATE jobs SET lease_expires_at = clock_timestamp() + make_interval(secs => %(ttl)s),
-        heartbeat_at = clock_timestamp(), progress = %(progress)s, state = 'PROGRESS',
+        heartbeat_at = clock_timestamp(), progress = {progress}, state = 'PROGRESS',
         updated_at = clock_timestamp()
-    WHERE id = %(job)s AND lease_token = %(token)s AND locked_by = %(holder)s
-    RETURNING cancel_requested
-"""
+    {"FROM " + source if source else ""}
+    WHERE jobs.id = %(job)s AND jobs.lease_token = %(token)s
+        AND jobs.locked_by = %(holder)s {"AND " + join if join else ""}
+    RETURNING jobs.cancel_requested
+"""  # noqa: S608 - callers pass constant SQL; values are bound parameters
 
 
 def raise_for_lease(lease: Lease, row: Any) -> None:

@@ -157,6 +157,9 @@ class Feature(Base):
     # default from the chunk transaction's ``SET LOCAL conveyor.import_job``, so COPY needs
     # no extra column.
     last_import_job_id: Mapped[uuid.UUID | None] = mapped_column(server_default=IMPORT_JOB_DEFAULT)
+    # The file line that import last wrote this row from: chunks commit in parallel, and
+    # an earlier line never overwrites a later one of the same import (the last one wins).
+    last_import_line: Mapped[int | None] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )
@@ -176,6 +179,9 @@ class TestCase(Base):
     status: Mapped[str] = mapped_column(String(32), default=TestCaseStatus.PENDING)
     created_at: Mapped[datetime] = _now()
     last_import_job_id: Mapped[uuid.UUID | None] = mapped_column(server_default=IMPORT_JOB_DEFAULT)
+    # The file line that import last wrote this row from: chunks commit in parallel, and
+    # an earlier line never overwrites a later one of the same import (the last one wins).
+    last_import_line: Mapped[int | None] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )
@@ -298,6 +304,9 @@ class ImportRun(Base):
     header: Mapped[dict[str, Any] | None]  # CSV columns, kept so a resume can skip the header
     byte_offset: Mapped[int] = mapped_column(BigInteger, default=0)
     line: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The last chunk of the unbroken run of committed chunks from the start: byte_offset
+    # and line are where that run ends, so a resume starts there.
+    head_chunk: Mapped[int] = mapped_column(Integer, default=0)
     chunks: Mapped[int] = mapped_column(Integer, default=0)
     rows_read: Mapped[int] = mapped_column(BigInteger, default=0)
     rows_inserted: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -308,3 +317,21 @@ class ImportRun(Base):
     busy_s: Mapped[float] = mapped_column(default=0.0)  # time spent working, over all slices
     created_at: Mapped[datetime] = _now()
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ImportChunk(Base):
+    """A committed chunk of an import: where it ends in the file.
+
+    Chunks commit in parallel (several writers), so "everything up to here is in" is the
+    end of the unbroken run of committed chunks; a resume re-reads from there and skips
+    the chunks already listed here. Chunk 0 is the header.
+    """
+
+    __tablename__ = "import_chunks"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("imports.job_id", ondelete="CASCADE"), primary_key=True
+    )
+    chunk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    end_offset: Mapped[int] = mapped_column(BigInteger)
+    end_line: Mapped[int] = mapped_column(BigInteger)

@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     # Imports.
     import_max_bytes: int = 2 * 1024**3  # an upload larger than this is refused (413)
     import_max_errors: int = 1000  # default rejected-row budget per import
+    # Writer processes per import. Measured (README, "Import performance"): one reading
+    # process feeds one writer as fast as it can validate, so a second writer adds
+    # nothing yet; it is there for when reading runs in parallel slices.
+    import_writers: int = 1
     upload_retention_s: int = 3600  # finished imports' files are deleted after this grace
     cleanup_interval_s: float = 300.0
     # Test-only fault injection, e.g. "after_copy:3" kills the worker process after the

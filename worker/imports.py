@@ -38,13 +38,14 @@ from typing import Any
 
 import psycopg2
 from celery import Task
-from psycopg2.extras import Json, execute_values
-from sqlalchemy import Engine, update
+from psycopg2.extras import execute_values
+from sqlalchemy import Engine, select, update
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from shared import jobs, storage
 from shared.importspec import CHUNK_ROWS, TARGETS
-from shared.models import ImportRun, Upload
+from shared.models import ImportChunk, ImportRun, Upload
 from worker.readers import CsvReader, NdjsonReader, Record, excerpt
 from worker.rows import VALIDATORS, Refused, Row, compile_csv_validator
 from worker.tasks import JobContext, execute_job, job_task
@@ -56,81 +57,124 @@ ErrorRow = tuple[int, str | None, str, str]  # (line, column, reason, excerpt)
 # re-imported over existing rows would otherwise pay for a failed COPY on every chunk.
 FAST_PATH_RETRY_EVERY = 8
 
-_FEATURE_COLUMNS = "external_id, name, description, status, complexity_points, created_at"
-_TEST_CASE_COLUMNS = "external_id, feature_id, name, status"
+_FEATURE_COLUMNS = (
+    "external_id, name, description, status, complexity_points, created_at, last_import_line"
+)
+_FEATURE_UNDATED = "external_id, name, description, status, complexity_points, last_import_line"
+_TEST_CASE_COLUMNS = "external_id, feature_id, name, status, last_import_line"
 
 _STAGE_DDL = {
     "features": (
         "CREATE TEMP TABLE IF NOT EXISTS import_stage_features (external_id text, "
         "name text, description text, status text, complexity_points integer, "
-        "created_at timestamptz) ON COMMIT DELETE ROWS"
+        "created_at timestamptz, last_import_line bigint) ON COMMIT DELETE ROWS"
     ),
     "test_cases": (
         "CREATE TEMP TABLE IF NOT EXISTS import_stage_test_cases (external_id text, "
-        "feature_id bigint, name text, status text) ON COMMIT DELETE ROWS"
+        "feature_id bigint, name text, status text, last_import_line bigint) "
+        "ON COMMIT DELETE ROWS"
     ),
 }
 
 # Insert new rows, update changed ones, leave identical ones alone (the table does not
-# change when the same file comes again). `seen` counts rows an earlier chunk of this
-# same import already wrote: duplicates across chunks.
+# change when the same file comes again). A row written from a later line of this same
+# import is never overwritten by an earlier line, whatever order chunks commit in: the
+# last occurrence wins. `seen` counts rows an earlier-committed chunk of this import
+# already wrote: duplicates across chunks.
+_SAME_IMPORT_LATER = (
+    "{t}.last_import_job_id IS NOT DISTINCT FROM EXCLUDED.last_import_job_id"
+    " AND {t}.last_import_line > EXCLUDED.last_import_line"
+)
 _UPSERT = {
-    "features": """
+    "features": f"""
 WITH src AS (
     SELECT s.*, f.created_at AS old_created_at,
            f.last_import_job_id IS NOT DISTINCT FROM %(job)s::uuid AS seen
     FROM import_stage_features s LEFT JOIN features f USING (external_id)
 ), up AS (
     INSERT INTO features AS f (external_id, name, description, status, complexity_points,
-                               created_at)
+                               created_at, last_import_line)
     SELECT external_id, name, description, status, complexity_points,
-           COALESCE(created_at, old_created_at, now())
+           COALESCE(created_at, old_created_at, now()), last_import_line
     FROM src
     ON CONFLICT (external_id) DO UPDATE SET
         name = EXCLUDED.name, description = EXCLUDED.description, status = EXCLUDED.status,
         complexity_points = EXCLUDED.complexity_points, created_at = EXCLUDED.created_at,
-        updated_at = now(), last_import_job_id = EXCLUDED.last_import_job_id
+        updated_at = now(), last_import_job_id = EXCLUDED.last_import_job_id,
+        last_import_line = EXCLUDED.last_import_line
     WHERE (f.name, f.description, f.status, f.complexity_points, f.created_at)
           IS DISTINCT FROM (EXCLUDED.name, EXCLUDED.description, EXCLUDED.status,
                             EXCLUDED.complexity_points, EXCLUDED.created_at)
+      AND NOT ({_SAME_IMPORT_LATER.format(t="f")})
     RETURNING (xmax = 0) AS inserted
 )
 SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted),
        (SELECT count(*) FROM src WHERE seen)
 FROM up
-""",
-    "test_cases": """
+""",  # noqa: S608 - constants only; values are bound parameters
+    "test_cases": f"""
 WITH src AS (
     SELECT s.*, t.last_import_job_id IS NOT DISTINCT FROM %(job)s::uuid AS seen
     FROM import_stage_test_cases s LEFT JOIN test_cases t USING (external_id)
 ), up AS (
-    INSERT INTO test_cases AS t (external_id, feature_id, name, status)
-    SELECT external_id, feature_id, name, status FROM src
+    INSERT INTO test_cases AS t (external_id, feature_id, name, status, last_import_line)
+    SELECT external_id, feature_id, name, status, last_import_line FROM src
     ON CONFLICT (external_id) DO UPDATE SET
         feature_id = EXCLUDED.feature_id, name = EXCLUDED.name, status = EXCLUDED.status,
-        updated_at = now(), last_import_job_id = EXCLUDED.last_import_job_id
+        updated_at = now(), last_import_job_id = EXCLUDED.last_import_job_id,
+        last_import_line = EXCLUDED.last_import_line
     WHERE (t.feature_id, t.name, t.status)
           IS DISTINCT FROM (EXCLUDED.feature_id, EXCLUDED.name, EXCLUDED.status)
+      AND NOT ({_SAME_IMPORT_LATER.format(t="t")})
     RETURNING (xmax = 0) AS inserted
 )
 SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted),
        (SELECT count(*) FROM src WHERE seen)
 FROM up
-""",
+""",  # noqa: S608 - constants only; values are bound parameters
 }
 
-# The chunk's last statement: renew the lease (the fencing check: this transaction writes
-# only if the token is still ours) and record the checkpoint and counters with it.
+# The chunk's last statements. Writers commit in parallel, so the imports row is locked
+# first: the second writer waits for the first's COMMIT, then its next statement sees the
+# first's chunk (NO KEY UPDATE, because the chunk row's foreign key holds KEY SHARE on it
+# and FOR UPDATE would deadlock two writers). Then this chunk's counts are added, the
+# checkpoint moves to the end of the unbroken run of committed chunks, and the lease is
+# renewed with the new progress: the fencing check, this transaction writes only if the
+# token is still ours (else the caller rolls it all back).
+_PROGRESS = """jsonb_build_object(
+        'done', i.byte_offset, 'total', NULLIF(i.size_bytes, 0),
+        'percent', round(100.0 * i.byte_offset / NULLIF(i.size_bytes, 0), 1),
+        'eta_seconds', CASE WHEN i.byte_offset > 0 AND i.busy_s > 0 THEN
+            round((i.busy_s * (i.size_bytes - i.byte_offset) / i.byte_offset)::numeric, 1) END,
+        'message', i.rows_read || ' rows', 'rows', i.rows_read,
+        'rows_per_s', CASE WHEN i.busy_s > 0 THEN round(i.rows_read / i.busy_s) END)"""
 _CHECKPOINT = f"""
-WITH lease AS ({jobs.RENEW_LEASE_SQL}), checkpoint AS (
-    UPDATE imports SET byte_offset = %(offset)s, line = %(line)s, chunks = %(c_chunks)s,
-        rows_read = %(c_read)s, rows_inserted = %(c_inserted)s, rows_updated = %(c_updated)s,
-        rows_unchanged = %(c_unchanged)s, rows_rejected = %(c_rejected)s,
-        rows_duplicate = %(c_duplicate)s, busy_s = %(c_busy_s)s
-    WHERE job_id = %(job)s AND EXISTS (SELECT FROM lease WHERE NOT cancel_requested)
+INSERT INTO import_chunks (job_id, chunk, end_offset, end_line)
+VALUES (%(job)s, %(chunk)s, %(offset)s, %(line)s);
+SELECT FROM imports WHERE job_id = %(job)s FOR NO KEY UPDATE;
+WITH head AS (
+    SELECT c.chunk, c.end_offset, c.end_line FROM import_chunks c, imports i
+    WHERE i.job_id = %(job)s AND c.job_id = i.job_id AND c.chunk >= i.head_chunk
+      AND NOT EXISTS (SELECT FROM import_chunks d
+                      WHERE d.job_id = c.job_id AND d.chunk = c.chunk + 1)
+    ORDER BY c.chunk LIMIT 1
 )
-SELECT cancel_requested FROM lease
-"""  # noqa: S608 - composed of constants only; every value is a bound parameter
+UPDATE imports SET
+    head_chunk = head.chunk, byte_offset = head.end_offset, line = head.end_line,
+    chunks = chunks + 1,
+    rows_read = rows_read + %(d_read)s, rows_inserted = rows_inserted + %(d_inserted)s,
+    rows_updated = rows_updated + %(d_updated)s,
+    rows_unchanged = rows_unchanged + %(d_unchanged)s,
+    rows_rejected = rows_rejected + %(d_rejected)s,
+    rows_duplicate = rows_duplicate + %(d_duplicate)s,
+    busy_s = GREATEST(busy_s, %(busy_s)s)
+FROM head WHERE job_id = %(job)s;
+WITH lease AS ({jobs.renew_lease_sql(_PROGRESS, "imports i", "i.job_id = jobs.id")})
+SELECT EXISTS (SELECT FROM lease), (SELECT cancel_requested FROM lease),
+       rows_read, rows_inserted, rows_updated, rows_unchanged, rows_rejected,
+       rows_duplicate, chunks, busy_s
+FROM imports WHERE job_id = %(job)s
+"""  # noqa: S608 - constants only; values are bound parameters
 
 
 @dataclass
@@ -194,14 +238,16 @@ class Chunk:
     def full(self) -> bool:
         return len(self.rows) + self.duplicate >= CHUNK_ROWS or len(self.errors) >= CHUNK_ROWS
 
-    def encode(self, target: str, offset: int, line: int) -> bytes:
-        """The chunk as a frame for the writer process: a JSON header, then COPY data.
+    def encode(self, target: str, number: int, offset: int, line: int) -> bytes:
+        """The chunk as a frame for a writer process: a JSON header, then COPY data.
 
         Features travel as two CSV blobs ready for COPY, formatted here on the reading
-        side: rows that give created_at (6 columns) and rows that leave it to the column
-        default (5 columns). The same bytes serve the plain COPY and the staging table.
+        side: rows that give created_at and rows that leave it to the column default;
+        each ends with its file line. The same bytes serve the plain COPY and the staging
+        table.
         """
         header: dict[str, Any] = {
+            "chunk": number,
             "offset": offset,
             "line": line,
             "read": self.read,
@@ -211,8 +257,9 @@ class Chunk:
         }
         blobs: list[bytes] = []
         if target == "features":
-            dated = [r for r in self.rows.values() if r[5] is not None]
-            undated = [r[:5] for r in self.rows.values() if r[5] is None]
+            lines = self.lines
+            dated = [(*r, lines[r[0]]) for r in self.rows.values() if r[5] is not None]
+            undated = [(*r[:5], lines[r[0]]) for r in self.rows.values() if r[5] is None]
             blobs = [_csv_data(dated), _csv_data(undated)]
         else:
             header["records"] = [[*r, self.lines[r[0]]] for r in self.rows.values()]
@@ -225,6 +272,7 @@ class Chunk:
 class Frame:
     """A chunk as the writer process receives it."""
 
+    chunk: int
     offset: int
     line: int
     read: int
@@ -247,6 +295,7 @@ class Frame:
             blobs.append(body[at : at + size])
             at += size
         return cls(
+            head["chunk"],
             head["offset"],
             head["line"],
             head["read"],
@@ -273,7 +322,6 @@ _CHUNK_SETTINGS = (
     "SELECT set_config('conveyor.import_job', %(job)s, true),"
     " set_config('TimeZone', 'UTC', true), set_config('synchronous_commit', 'off', true)"
 )
-_FEATURE_UNDATED = "external_id, name, description, status, complexity_points"
 
 
 class ChunkWriter:
@@ -298,7 +346,8 @@ class ChunkWriter:
         self.connection: Any = None
         self.begin_sql = ""
         # Busy time runs from the start of this delivery: reading and validating count.
-        self.mark = time.perf_counter()
+        self.busy_base = counters.busy_s
+        self.started = time.perf_counter()
 
     def connect(self) -> None:
         """Open the writer's connection (in the process that will use it)."""
@@ -328,7 +377,7 @@ class ChunkWriter:
                 cursor.execute("ROLLBACK")
             raise
         if self.fault:
-            self.fault.maybe_crash("after_commit", self.counters.chunks)
+            self.fault.maybe_crash("after_commit", frame.chunk)
         if self.counters.rejected > self.max_errors:
             raise jobs.JobFailed(
                 "too_many_errors",
@@ -371,27 +420,9 @@ class ChunkWriter:
                 [(self.job_id, *e) for e in errors],
                 page_size=len(errors),
             )
-        number = c.chunks + 1
         if self.fault:
-            self.fault.maybe_crash("after_copy", number)
-        now = time.perf_counter()
-        after = Counters(
-            read=c.read + frame.read,
-            inserted=c.inserted + inserted,
-            updated=c.updated + updated,
-            unchanged=c.unchanged + rows - inserted - updated,
-            rejected=c.rejected + len(errors),
-            duplicate=c.duplicate + frame.duplicate + seen,
-            chunks=number,
-            busy_s=c.busy_s + (now - self.mark),
-        )
-        progress = jobs.progress_payload(
-            frame.offset, self.run.size_bytes or None, self.ctx.job.started_at, f"{after.read} rows"
-        )
-        progress.update(
-            rows=after.read,
-            rows_per_s=round(after.read / after.busy_s) if after.busy_s > 0 else None,
-        )
+            self.fault.maybe_crash("after_copy", frame.chunk)
+        busy = self.busy_base + (time.perf_counter() - self.started)
         lease = self.ctx.lease
         cursor.execute(
             _CHECKPOINT,
@@ -400,16 +431,25 @@ class ChunkWriter:
                 "token": lease.token,
                 "holder": lease.holder,
                 "ttl": self.ctx.settings.job_lease_s,
-                "progress": Json(progress),
+                "chunk": frame.chunk,
                 "offset": frame.offset,
                 "line": frame.line,
-                **{f"c_{k}": v for k, v in vars(after).items()},
+                "d_read": frame.read,
+                "d_inserted": inserted,
+                "d_updated": updated,
+                "d_unchanged": rows - inserted - updated,
+                "d_rejected": len(errors),
+                "d_duplicate": frame.duplicate + seen,
+                "busy_s": busy,
             },
         )
-        jobs.raise_for_lease(lease, cursor.fetchone())
-        # Only now, with the lease confirmed in this transaction, do the counters move.
-        vars(c).update(vars(after))
-        self.mark = now
+        held, cancel_requested, *totals = cursor.fetchone()
+        jobs.raise_for_lease(lease, (cancel_requested,) if held else None)
+        if totals[0] is None:
+            raise RuntimeError(f"import {self.job_id}: no checkpoint run to extend")
+        # With the lease confirmed in this transaction, the committed totals move.
+        (c.read, c.inserted, c.updated, c.unchanged, c.rejected, c.duplicate, c.chunks) = totals[:7]
+        c.busy_s = float(totals[7])
 
     def _copy(self, cursor: Any, prefix: str, table: str, dated: bytes, undated: bytes) -> None:
         """COPY the two feature blobs into ``table``; ``prefix`` rides along the first one."""
@@ -451,7 +491,7 @@ class ChunkWriter:
                     )
                 )
             else:
-                resolved.append((external_id, feature_id, name, status))
+                resolved.append((external_id, feature_id, name, status, line))
         return resolved, refused
 
     def _upsert(self, cursor: Any, data: bytes, undated: bytes) -> tuple[int, int, int]:
@@ -492,75 +532,90 @@ def _exact(sock: socket.socket, size: int) -> bytes | None:
 
 
 class WriterProcess:
-    """The chunk writer in a process of its own, fed chunk frames over a socket pair.
+    """Chunk writers in processes of their own, fed chunk frames over socket pairs.
 
     Reading and validating are Python work; COPY and COMMIT are mostly waiting on
     PostgreSQL. In one process, threads cannot overlap them (measured: a busy reading
-    thread makes psycopg2's COPY 2.5 times slower through the GIL), so the writer is forked
-    and both cores work. Order and the one-transaction-per-chunk rule are unchanged: one
-    writer, chunks in file order, at most two in flight. The writer dies with its parent
-    (PR_SET_PDEATHSIG): a killed worker leaves no half-written chunk behind, since an
-    uncommitted transaction dies with its connection. Messages are JSON and bytes.
+    thread makes psycopg2's COPY 2.5 times slower through the GIL), so writers are forked,
+    each with its own connection, and both cores (and two PostgreSQL backends) work.
+    Chunks go round-robin, at most two in flight per writer; each commits on its own with
+    its checkpoint (see ``_CHECKPOINT``). A writer dies with its parent
+    (PR_SET_PDEATHSIG): a killed worker leaves no half-written chunk, since an uncommitted
+    transaction dies with its connection. Messages are JSON and bytes, never pickle.
     """
 
     IN_FLIGHT = 2
 
-    def __init__(self, writer: ChunkWriter) -> None:
+    def __init__(self, writer: ChunkWriter, count: int) -> None:
         self.counters = writer.counters
-        self.in_flight = 0
         self.failure: BaseException | None = None
-        ours, theirs = socket.socketpair()
-        for sock in (ours, theirs):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-        pid = os.fork()
-        if pid == 0:  # the writer
-            ours.close()
-            code = 1
-            try:
-                _writer_main(theirs, writer)
-                code = 0
-            finally:
-                os._exit(code)  # never run the parent's atexit hooks or finalizers
-        theirs.close()
-        self.pid = pid
-        self.sock = ours
+        self.pids: list[int] = []
+        self.socks: list[socket.socket] = []
+        self.in_flight: list[int] = []
+        self.turn = 0
+        for _ in range(max(1, count)):
+            ours, theirs = socket.socketpair()
+            for sock in (ours, theirs):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            pid = os.fork()
+            if pid == 0:  # a writer
+                ours.close()
+                for other in self.socks:
+                    other.close()
+                code = 1
+                try:
+                    _writer_main(theirs, writer)
+                    code = 0
+                finally:
+                    os._exit(code)  # never run the parent's atexit hooks or finalizers
+            theirs.close()
+            self.pids.append(pid)
+            self.socks.append(ours)
+            self.in_flight.append(0)
 
     def submit(self, frame: bytes) -> None:
-        """Hand a chunk to the writer; raises what the writer raised for an earlier one."""
+        """Hand a chunk to the next writer; raises what a writer raised for an earlier one."""
         self._raise()
-        _send(self.sock, frame)
-        self.in_flight += 1
-        while self.in_flight >= self.IN_FLIGHT:
-            self._collect()
+        index = self.turn
+        self.turn = (self.turn + 1) % len(self.socks)
+        while self.in_flight[index] >= self.IN_FLIGHT:
+            self._collect(index)
+        _send(self.socks[index], frame)
+        self.in_flight[index] += 1
 
     def close(self) -> None:
-        """Wait for every chunk to commit; raise the writer's error, if any."""
+        """Wait for every chunk to commit; raise a writer's error, if any."""
         try:
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_WR)
-            while self.in_flight and self.failure is None:
-                self._collect()
+            for sock in self.socks:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_WR)
+            for index in range(len(self.socks)):
+                while self.in_flight[index] and self.failure is None:
+                    self._collect(index)
         finally:
-            self.sock.close()
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(self.pid, 0)
+            for sock in self.socks:
+                sock.close()
+            for pid in self.pids:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+            self.socks, self.pids = [], []
         self._raise()
 
-    def _collect(self) -> None:
-        message = _receive(self.sock)
-        self.in_flight -= 1
+    def _collect(self, index: int) -> None:
+        message = _receive(self.socks[index])
+        self.in_flight[index] -= 1
         if message is None:
-            self.failure = RuntimeError("the import's writer process died")
-            self.in_flight = 0
+            self.in_flight[index] = 0
+            self.failure = self.failure or RuntimeError("an import writer process died")
             self._raise()
             return
         reply = json.loads(message)
-        if "counters" in reply:
-            vars(self.counters).update(reply["counters"])
-        error = reply.get("error")
-        if error:
-            self.in_flight = 0
-            self.failure = _error_from(reply)
+        totals = reply.get("counters")
+        if totals and totals["chunks"] >= self.counters.chunks:
+            vars(self.counters).update(totals)  # the latest committed totals
+        if reply.get("error"):
+            self.in_flight[index] = 0
+            self.failure = self.failure or _error_from(reply)
         self._raise()
 
     def _raise(self) -> None:
@@ -689,9 +744,8 @@ def run_import(ctx: JobContext) -> dict[str, Any]:
     ctx.partial_result = summary(run, counters)
     bind = session.get_bind()
     engine = bind if isinstance(bind, Engine) else bind.engine
-    writer = ChunkWriter(ctx, run, counters, engine)
-    # Reads go through their own autocommit connection (lo_get per MiB), so the chunk
-    # transactions on the session's connection commit independently of the stream.
+    # Reads go through their own autocommit connection (lo_get per MiB), so the writers'
+    # chunk transactions commit independently of the stream.
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as lo_conn:
         stream = storage.open_reader(lo_conn, upload.oid, upload.size_bytes, run.byte_offset)
         reader = _open_reader(run, stream, session)
@@ -700,37 +754,77 @@ def run_import(ctx: JobContext) -> dict[str, Any]:
             if isinstance(reader, CsvReader)
             else VALIDATORS[run.target]
         )
-
-        pipeline = WriterProcess(writer)
+        # Chunks past the checkpoint that a writer committed before the last delivery
+        # stopped: read again (chunk boundaries depend only on the file), never re-sent.
+        done = set(
+            session.scalars(
+                select(ImportChunk.chunk).where(
+                    ImportChunk.job_id == job_id, ImportChunk.chunk > run.head_chunk
+                )
+            )
+        )
+        session.commit()
+        number = run.head_chunk
+        target = run.target
+        pipeline = WriterProcess(
+            ChunkWriter(ctx, run, counters, engine), ctx.settings.import_writers
+        )
         try:
             chunk = Chunk()
-            target = run.target
             for record in reader:
                 chunk.add(record, validate, reader)
                 if chunk.full:
-                    pipeline.submit(chunk.encode(target, reader.offset, reader.line))
+                    number += 1
+                    if number not in done:
+                        pipeline.submit(chunk.encode(target, number, reader.offset, reader.line))
                     ctx.partial_result = summary(run, counters)
                     chunk = Chunk()
                     if ctx.slice_over():
                         pipeline.close()
                         raise jobs.SliceDone
-            pipeline.submit(chunk.encode(target, reader.offset, reader.line))
+            number += 1
+            if number not in done:
+                pipeline.submit(chunk.encode(target, number, reader.offset, reader.line))
         finally:
             try:
                 pipeline.close()
             finally:
-                ctx.partial_result = summary(run, counters)
+                # Every writer has stopped: the database has the exact committed totals
+                # (a cancelled or failed job reports what really landed).
+                with contextlib.suppress(Exception):
+                    session.refresh(run)
+                    ctx.partial_result = summary(run, Counters.of(run))
     session.execute(
         update(ImportRun).where(ImportRun.job_id == job_id).values(finished_at=datetime.now(UTC))
     )
     session.commit()
-    result = summary(run, counters)
+    session.refresh(run)
+    result = summary(run, Counters.of(run))  # the committed totals, from the database
     log.info("import finished", extra={k: v for k, v in result.items() if k.startswith("rows")})
     return result
 
 
+def _start_run(
+    session: Session, run: ImportRun, offset: int, line: int, header: dict[str, Any] | None
+) -> None:
+    """Record chunk 0 (the header, or nothing for NDJSON): the first checkpoint run."""
+    session.execute(
+        insert(ImportChunk)
+        .values(job_id=run.job_id, chunk=0, end_offset=offset, end_line=line)
+        .on_conflict_do_nothing()
+    )
+    session.execute(
+        update(ImportRun)
+        .where(ImportRun.job_id == run.job_id, ImportRun.head_chunk == 0)
+        .values(header=header, byte_offset=offset, line=line)
+    )
+    session.commit()
+
+
 def _open_reader(run: ImportRun, stream: io.BufferedReader, session: Session) -> Any:
     if run.format == "ndjson":
+        if run.head_chunk == 0:
+            _start_run(session, run, 0, 0, None)
         return NdjsonReader(stream, offset=run.byte_offset, line=run.line)
     if run.byte_offset > 0 and run.header:
         return CsvReader(
@@ -744,13 +838,8 @@ def _open_reader(run: ImportRun, stream: io.BufferedReader, session: Session) ->
         problems += [f"missing: {', '.join(missing)}"] if missing else []
         problems += [f"repeated: {', '.join(repeated)}"] if repeated else []
         raise jobs.JobFailed("invalid_header", "; ".join(problems) or "the file has no header")
-    # The header is part of the checkpoint: a resume starts past it.
-    session.execute(
-        update(ImportRun)
-        .where(ImportRun.job_id == run.job_id)
-        .values(header={"columns": header}, byte_offset=reader.offset, line=reader.line)
-    )
-    session.commit()
+    # The header is part of the checkpoint (chunk 0): a resume starts past it.
+    _start_run(session, run, reader.offset, reader.line, {"columns": header})
     return reader
 
 

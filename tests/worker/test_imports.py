@@ -154,7 +154,9 @@ def test_duplicates_inside_a_chunk_and_across_chunks(
     assert r["rows_read"] == 2500
     assert r["rows_duplicate"] == 2
     assert r["rows_inserted"] == 2498
-    assert r["rows_updated"] == 1
+    # F-3's later line lands whichever writer commits first: as an update of the earlier
+    # one, or as the row the earlier one may no longer overwrite (then "unchanged").
+    assert r["rows_updated"] + r["rows_unchanged"] == 1
     assert count(committed_db) == 2498
     with committed_db.session() as s:
         names = dict(
@@ -379,7 +381,7 @@ def test_a_stale_lease_holder_cannot_commit_a_chunk(
         chunk.add(Record(2, 10, {"external_id": "X-1", "name": "x"}), validate_feature, None)
         try:
             with pytest.raises(jobs.LeaseLost):
-                writer.write(Frame.parse(chunk.encode("features", 10, 2)))
+                writer.write(Frame.parse(chunk.encode("features", 1, 10, 2)))
         finally:
             writer.close()
         assert s.get_one(ImportRun, job_id).chunks == 0
