@@ -121,7 +121,9 @@ def running_embedded(state_dir: Path) -> tuple[str | None, str | None]:
     if _lock_is_held(state_dir / "postgres.lock"):
         port = _read_port(state_dir / "pg.port")
         if port:
-            database_url = f"postgresql+psycopg2://postgres@127.0.0.1:{port}/conveyor"
+            from shared.embedded import postgres_url
+
+            database_url = postgres_url(state_dir, port)
     if _lock_is_held(state_dir / "redis.lock"):
         port = _read_port(state_dir / "redis.port")
         if port:

@@ -36,6 +36,7 @@ import importlib.util
 import logging
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -532,6 +533,37 @@ def _pginstall_for(user: _ServiceUser | None) -> _PgInstall:
 # --- PostgreSQL ---------------------------------------------------------------------------
 
 
+def postgres_password(state_dir: Path) -> str:
+    """The embedded server's superuser password, generated once into ``state_dir``."""
+    path = Path(state_dir) / "pg-password"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    password = secrets.token_urlsafe(24)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another launcher wrote it first
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(password)
+    return password
+
+
+def postgres_url(state_dir: Path, port: int, database: str = "conveyor") -> str:
+    """The SQLAlchemy URL of the embedded server of ``state_dir`` on ``port``."""
+    url = URL.create(
+        "postgresql+psycopg2",
+        username="postgres",
+        password=postgres_password(state_dir),
+        host=HOST,
+        port=port,
+        database=database,
+    )
+    return url.render_as_string(hide_password=False)
+
+
 class _Server:
     """What both embedded servers share: the state lock, the child, start and pid."""
 
@@ -677,12 +709,8 @@ class EmbeddedPostgres(_Server):
         )
         return self._url
 
-    @staticmethod
-    def _url_for(port: int, database: str) -> str:
-        url = URL.create(
-            "postgresql+psycopg2", username="postgres", host=HOST, port=port, database=database
-        )
-        return url.render_as_string(hide_password=False)
+    def _url_for(self, port: int, database: str) -> str:
+        return postgres_url(self._state_dir, port, database)
 
     def _prepare_data_dir(self, user: _ServiceUser | None) -> Path:
         """Resolve where the cluster lives and make its parent folders; as root, say why."""
@@ -779,7 +807,17 @@ class EmbeddedPostgres(_Server):
         _owned_dir(tmp, user)
         log.info("Initializing a PostgreSQL cluster in %s", data)
         log_path = self._state_dir / "log" / "postgres.log"
-        argv = [str(install.bin_dir / "initdb"), "-D", str(tmp), "--auth=trust"]
+        # Password authentication, not trust: any local user can reach 127.0.0.1. The
+        # password is generated once into the state folder (0600) and handed to initdb
+        # in a file only the server's user can read, removed right after.
+        pwfile = tmp.with_name(tmp.name + ".pw")
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(postgres_password(self._state_dir) + "\n")
+        if user is not None:
+            os.chown(pwfile, user.uid, user.gid)
+        argv = [str(install.bin_dir / "initdb"), "-D", str(tmp), f"--pwfile={pwfile}"]
+        argv += ["--auth-host=scram-sha-256", "--auth-local=scram-sha-256"]
         argv += ["-U", "postgres", "--encoding=UTF8", "--no-instructions"]
         child = _spawn(
             argv,
@@ -794,6 +832,8 @@ class EmbeddedPostgres(_Server):
         except subprocess.TimeoutExpired:
             child.stop(signal.SIGTERM, 5, "initdb")
             raise LauncherError(f"initdb did not finish in time; see {log_path}") from None
+        finally:
+            pwfile.unlink(missing_ok=True)
         child.log_file.close()
         if code != 0:
             raise LauncherError(

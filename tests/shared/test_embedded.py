@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -118,7 +119,11 @@ def test_postgres_data_survives_restart_and_runs_as_service_user(state_dir: Path
     url = pg.start()
     try:
         port = int((state_dir / "pg.port").read_text())
-        assert url == f"postgresql+psycopg2://postgres@127.0.0.1:{port}/conveyor"
+        assert url == embedded.postgres_url(state_dir, port)
+        assert url.startswith("postgresql+psycopg2://postgres:")  # a password, never trust
+        assert stat.S_IMODE((state_dir / "pg-password").stat().st_mode) == 0o600
+        with pytest.raises(sa.exc.OperationalError, match="password authentication failed"):
+            _sql(url.replace(embedded.postgres_password(state_dir), "wrong"), "SELECT 1")
         _sql(url, "CREATE TABLE kept (id int PRIMARY KEY, name text)")
         _sql(url, "INSERT INTO kept VALUES (1, 'survives')")
 
