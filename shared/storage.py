@@ -12,7 +12,7 @@ import io
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
 from sqlalchemy.orm import Session
 
 READ_SIZE = 1 << 20  # 1 MiB: large enough for throughput, small against any memory budget
@@ -31,12 +31,21 @@ def _dbapi(session: Session) -> Any:
     return session.connection().connection.dbapi_connection
 
 
-def write_stream(session: Session, pieces: Iterable[bytes], limit: int) -> tuple[int, int, str]:
+def write_stream(
+    session: Session, pieces: Iterable[bytes], limit: int, *, idle_timeout_s: int = 60
+) -> tuple[int, int, str]:
     """Store ``pieces`` in a new large object; returns (oid, size, sha256 hex).
 
     Raises TooLarge as soon as more than ``limit`` bytes arrived. Runs in the session's
-    transaction: commit to keep the object, roll back to drop it.
+    transaction: commit to keep the object, roll back to drop it. The transaction stays
+    open while the client sends; a client that stalls for ``idle_timeout_s`` between two
+    pieces has its transaction ended by PostgreSQL (the write fails, nothing is kept)
+    instead of holding a connection and an open transaction indefinitely.
     """
+    session.execute(
+        text("SELECT set_config('idle_in_transaction_session_timeout', :ms, true)"),
+        {"ms": f"{idle_timeout_s * 1000}"},
+    )
     lobj = _dbapi(session).lobject(0, "wb")
     digest = hashlib.sha256()
     size = 0
