@@ -744,10 +744,9 @@ def run_import(ctx: JobContext) -> dict[str, Any]:
     ctx.partial_result = summary(run, counters)
     bind = session.get_bind()
     engine = bind if isinstance(bind, Engine) else bind.engine
-    # Reads go through their own autocommit connection (lo_get per MiB), so the writers'
-    # chunk transactions commit independently of the stream.
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as lo_conn:
-        stream = storage.open_reader(lo_conn, upload.oid, upload.size_bytes, run.byte_offset)
+    # The file is read on a connection of its own, so the writers' chunk transactions
+    # commit independently of the stream.
+    with storage.reading(engine, upload.oid, run.byte_offset) as stream:
         reader = _open_reader(run, stream, session)
         validate = (
             compile_csv_validator(run.target, reader.header or [])
