@@ -133,7 +133,12 @@ def running_embedded(state_dir: Path) -> tuple[str | None, str | None]:
 
 @contextlib.contextmanager
 def _services(
-    settings: Settings, *, postgres: bool, redis: bool, join: bool = True
+    settings: Settings,
+    *,
+    postgres: bool,
+    redis: bool,
+    join: bool = True,
+    started: list[Any] | None = None,
 ) -> Iterator[Settings]:
     """Settings whose URLs point at running servers, starting embedded ones if needed.
 
@@ -168,6 +173,8 @@ def _services(
         services.start()
     except LauncherError as exc:
         raise click.ClickException(f"cannot start the embedded services: {exc}") from None
+    if started is not None:
+        started.extend(services.servers)  # for `conveyor run` to watch and restart
     try:
         yield _with_urls(settings, services.database_url, services.redis_url)
     finally:
@@ -416,10 +423,34 @@ def _kill_group(pgid: int) -> None:
 
 
 @dataclass
+class ServerWatch:
+    """An embedded PostgreSQL or Redis the supervisor restarts if it dies."""
+
+    server: Any  # shared.embedded.EmbeddedPostgres | EmbeddedRedis (imported lazily)
+    started_at: float = field(default_factory=time.monotonic)
+    failures: int = 0
+    restarts: int = 0
+    restart_at: float | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.server.NAME)
+
+
+def _backoff(failures: int) -> float:
+    return float(min(BACKOFF_CAP_S, 2.0**failures))
+
+
+@dataclass
 class Supervisor:
-    """Starts children, restarts the ones that die with backoff, stops them in order."""
+    """Starts children, restarts the ones that die with backoff, stops them in order.
+
+    Embedded servers are watched too: one that dies is started again on the same data
+    and, when the port is still free, the same port, so the other children's URLs hold.
+    """
 
     children: list[Child]
+    servers: list[ServerWatch] = field(default_factory=list)
     stop_requested: threading.Event = field(default_factory=threading.Event)
     hurry: threading.Event = field(default_factory=threading.Event)
     signals: list[int] = field(default_factory=list)
@@ -441,8 +472,47 @@ class Supervisor:
         """Keep the children running until a stop is requested."""
         while not self.stop_requested.wait(poll_s):
             now = time.monotonic()
+            for watched in self.servers:
+                self._tend_server(watched, now)
             for child in self.children:
                 self._tend(child, now)
+
+    def _tend_server(self, watched: ServerWatch, now: float) -> None:
+        if watched.restart_at is None:
+            if watched.server.pid is not None:
+                return
+            if now - watched.started_at >= STABLE_AFTER_S:
+                watched.failures = 0
+            delay = _backoff(watched.failures)
+            watched.failures += 1
+            watched.restart_at = now + delay
+            log.warning(
+                "embedded server exited unexpectedly; restarting",
+                extra={"server": watched.name, "restart_in_s": delay},
+            )
+        elif now >= watched.restart_at:
+            try:
+                watched.server.start()
+            except Exception as exc:  # a failed restart is retried with a longer wait
+                delay = _backoff(watched.failures)
+                watched.failures += 1
+                watched.restart_at = now + delay
+                log.error(
+                    "embedded server did not restart",
+                    extra={"server": watched.name, "error": str(exc), "retry_in_s": delay},
+                )
+                return
+            watched.restart_at = None
+            watched.started_at = now
+            watched.restarts += 1
+            log.warning(
+                "embedded server restarted",
+                extra={
+                    "server": watched.name,
+                    "pid": watched.server.pid,
+                    "restarts": watched.restarts,
+                },
+            )
 
     def _tend(self, child: Child, now: float) -> None:
         if child.proc is not None:
@@ -451,7 +521,7 @@ class Supervisor:
                 return
             if now - child.started_at >= STABLE_AFTER_S:
                 child.failures = 0
-            delay = min(BACKOFF_CAP_S, 2.0**child.failures)
+            delay = _backoff(child.failures)
             child.failures += 1
             log.warning(
                 "child exited unexpectedly; restarting",
@@ -758,11 +828,12 @@ def run() -> None:
     _check_port_free(settings.web_host, settings.web_port, "web", "CONVEYOR_WEB_PORT")
     _check_port_free(settings.flower_host, settings.flower_port, "Flower", "CONVEYOR_FLOWER_PORT")
     embedded = {"postgres": not settings.database_url, "redis": not settings.redis_url}
+    servers: list[Any] = []
     try:
         with (
             _sigterm_interrupts(),
             # Never join another run's servers: the launcher's lock refuses a second owner.
-            _services(settings, postgres=True, redis=True, join=False) as resolved,
+            _services(settings, postgres=True, redis=True, join=False, started=servers) as resolved,
         ):
             assert resolved.database_url is not None
             if any(embedded.values()):
@@ -776,7 +847,8 @@ def run() -> None:
                     Child("beat", beat_command(resolved), env),
                     Child("web", web_command(resolved), env),
                     Child("flower", flower_command(resolved), flower_env(resolved, env)),
-                ]
+                ],
+                servers=[ServerWatch(server) for server in servers],
             )
             # From here signals only set flags: the supervisor stops children in order,
             # then leaving the block stops the embedded servers.

@@ -1054,6 +1054,11 @@ class EmbeddedServices:
             return None
         return self._redis.url
 
+    @property
+    def servers(self) -> list[_Server]:
+        """The servers this launcher started, in start order (for a supervisor to watch)."""
+        return list(self._started)
+
     def start(self) -> None:
         """Start PostgreSQL, then Redis; if one fails, stop what already started."""
         try:

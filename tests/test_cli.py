@@ -474,6 +474,21 @@ def test_run_serves_a_canary_and_stops_clean(run_state: Path, tmp_path: Path) ->
         assert {web_port, flower_port} <= _listening_ports(procs)
         assert len(ports) >= 4, "web, Flower, PostgreSQL and Redis listen"
 
+        # An embedded server that dies is restarted on the same data and port.
+        redis_server = next(p for p in _tree(proc.pid) if "redis-server" in p.name())
+        redis_server.kill()
+        wait_until(
+            lambda: "embedded server restarted" in log_path.read_text(), timeout=30, interval=0.5
+        )
+        wait_until(ready, timeout=30, interval=0.5)
+        again = requests.post(f"{api}/api/v1/canaries", json={}, headers=auth, timeout=10)
+        assert again.status_code == 202, again.text
+        job_id = again.json()["id"]
+        job = wait_until(finished, timeout=60, interval=0.2)
+        assert isinstance(job, dict)
+        assert job["state"] == "SUCCESS", job
+        procs = _tree(proc.pid)
+
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0, log_path.read_text()[-6000:]
     finally:
