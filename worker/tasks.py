@@ -68,10 +68,6 @@ class JobContext:
         """Whether this delivery has run its time slice (then raise jobs.SliceDone)."""
         return time.monotonic() - self.task_started > self.settings.job_slice_s
 
-    def heartbeat(self) -> None:
-        """Renew the lease without changing progress; raises JobCancelled or LeaseLost."""
-        jobs.checkpoint(self.session, self.lease, self.settings.job_lease_s)
-
 
 def holder_id() -> str:
     return f"{socket.gethostname()}/{os.getpid()}"
