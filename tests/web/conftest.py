@@ -8,16 +8,21 @@ started by a later test does not meet jobs whose rows are gone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+import requests
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import update
@@ -29,6 +34,7 @@ from shared.models import ApiToken, Job, JobState, TokenScope
 from shared.queue import KINDS, QUEUES
 from shared.settings import Settings
 from shared.tokens import create_token
+from tests.conftest import ROOT, child_env, wait_until
 from web import create_app
 
 
@@ -198,3 +204,46 @@ def live_server(app: Flask) -> Iterator[str]:
     server.shutdown()
     server.server_close()
     thread.join(timeout=5)
+
+
+@contextlib.contextmanager
+def run_gunicorn(settings: Settings, log_path: Path, *args: str, **env: str) -> Iterator[str]:
+    """``gunicorn web.wsgi:app`` as deployed (``args`` added), until its /healthz answers."""
+    port = unused_port()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "web.wsgi:app",
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--no-control-socket",
+                *args,
+            ],
+            cwd=ROOT,
+            env=child_env(settings, **env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"gunicorn exited:\n{log_path.read_text()[-4000:]}")
+        try:
+            return requests.get(f"{url}/healthz", timeout=2).status_code == 200
+        except (requests.ConnectionError, requests.Timeout):  # bound, workers still booting
+            return False
+
+    try:
+        wait_until(ready, timeout=30, interval=0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -12,8 +12,6 @@ import gzip
 import hashlib
 import io
 import re
-import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -32,7 +30,7 @@ from werkzeug.test import TestResponse
 from shared.db import Database
 from shared.models import ImportError_, ImportRun, Job, Upload
 from shared.settings import Settings
-from tests.conftest import ROOT, child_env, wait_until
+from tests.conftest import ROOT
 from tests.web.conftest import (
     Token,
     Tokens,
@@ -41,8 +39,8 @@ from tests.web.conftest import (
     insert_job,
     problem,
     queued_message,
+    run_gunicorn,
     set_job,
-    unused_port,
 )
 
 URL = "/api/v1/imports"
@@ -816,50 +814,18 @@ def test_chunked_transfer_encoding_over_http(
 @pytest.fixture
 def small_gunicorn(settings: Settings, committed_db: Database, tmp_path: Path) -> Iterator[str]:
     """gunicorn (which de-chunks request bodies itself) with a 1000-byte upload limit."""
-    port = unused_port()
-    log_path = tmp_path / "gunicorn.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "web.wsgi:app",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--workers",
-                "1",
-                "--worker-class",
-                "gthread",
-                "--threads",
-                "4",
-                "--no-control-socket",
-            ],
-            cwd=ROOT,
-            env=child_env(settings, CONVEYOR_IMPORT_MAX_BYTES=str(SMALL_LIMIT)),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            pytest.fail(f"gunicorn exited:\n{log_path.read_text()[-4000:]}")
-        try:
-            return requests.get(f"{url}/healthz", timeout=2).status_code == 200
-        except requests.ConnectionError:
-            return False
-
-    try:
-        wait_until(ready, timeout=30)
+    with run_gunicorn(
+        settings,
+        tmp_path / "gunicorn.log",
+        "--workers",
+        "1",
+        "--worker-class",
+        "gthread",
+        "--threads",
+        "4",
+        CONVEYOR_IMPORT_MAX_BYTES=str(SMALL_LIMIT),
+    ) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_chunked_and_sized_uploads_under_gunicorn(

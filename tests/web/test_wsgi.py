@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,8 +15,8 @@ from shared.db import Database
 from shared.models import TokenScope
 from shared.settings import Settings
 from shared.tokens import create_token
-from tests.conftest import ROOT, child_env, wait_until
-from tests.web.conftest import unused_port
+from tests.conftest import wait_until
+from tests.web.conftest import run_gunicorn
 
 WORKERS = 4
 
@@ -30,54 +28,15 @@ class Gunicorn:
     log_path: Path
 
 
-def _answers(url: str) -> bool:
-    try:
-        return requests.get(f"{url}/healthz", timeout=2).status_code == 200
-    except (requests.ConnectionError, requests.Timeout):  # bound, workers still booting
-        return False
-
-
 @pytest.fixture
 def gunicorn(settings: Settings, committed_db: Database, tmp_path: Path) -> Iterator[Gunicorn]:
     """gunicorn on a fresh state folder: its workers start together and must agree on secrets."""
     state_dir = tmp_path / "state"
     log_path = tmp_path / "gunicorn.log"
-    port = unused_port()
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "web.wsgi:app",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--workers",
-                str(WORKERS),
-                "--no-control-socket",
-            ],
-            cwd=ROOT,
-            env=child_env(settings, CONVEYOR_STATE_DIR=str(state_dir)),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                pytest.fail(f"gunicorn exited:\n{log_path.read_text()[-4000:]}")
-            return _answers(url)
-
-        wait_until(ready, timeout=30, interval=0.1)
+    with run_gunicorn(
+        settings, log_path, "--workers", str(WORKERS), CONVEYOR_STATE_DIR=str(state_dir)
+    ) as url:
         yield Gunicorn(url, state_dir, log_path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_every_worker_shares_the_generated_pepper_and_logs_json(
