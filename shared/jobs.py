@@ -65,6 +65,11 @@ class JobFailed(JobError):
         self.message = message
 
 
+class JobWaiting(JobError):
+    """The job gave its lease back to wait (a deployment for its environment): it is
+    PENDING again, and whoever it waits for publishes it when it may go on."""
+
+
 class SliceDone(JobError):
     """The task ran its time slice; it hands the job to a continuation message.
 
@@ -379,6 +384,33 @@ def yield_lease(session: Session, lease: Lease) -> bool:
     ).scalar_one_or_none()
     session.commit()
     return row is not None
+
+
+def park(session: Session, lease: Lease, progress: dict[str, Any]) -> None:
+    """Give the job back as PENDING with ``progress`` saying what it waits for; the caller
+    then raises JobWaiting. Commits with whatever the caller wrote, or LeaseLost.
+
+    Waiting is not an attempt (attempts count worker deaths), and ``published_at`` restarts
+    the reaper's clock: should the wake-up message be lost, the reaper republishes the job
+    after ``pending_republish_after_s`` and it looks again.
+    """
+    row = session.execute(
+        update(Job)
+        .where(Job.id == lease.job_id, Job.lease_token == lease.token)
+        .values(
+            state=JobState.PENDING.value,
+            progress=progress,
+            locked_by=None,
+            lease_expires_at=None,
+            attempts=Job.attempts - 1,
+            published_at=func.clock_timestamp(),
+        )
+        .returning(Job.id)
+    ).scalar_one_or_none()
+    if row is None:
+        session.rollback()
+        raise LeaseLost(f"job {lease.job_id}: lease {lease.token} is no longer current")
+    session.commit()
 
 
 def finish(

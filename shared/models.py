@@ -208,11 +208,32 @@ class Environment(Base):
     )
 
 
+# A deployment's status. Waiting ones queue for their environment; a holding one owns it
+# (the partial unique index below lets the database, not a lock in some process, say that
+# at most one does); final ones are history.
+DEPLOYMENT_WAITING = ("queued", "waiting")
+DEPLOYMENT_HOLDING = ("running", "rolling_back")
+DEPLOYMENT_FINAL = ("succeeded", "failed", "rolled_back", "cancelled")
+_HOLDING_SQL = text("status IN ('running', 'rolling_back')")
+
+
 class Deployment(Base):
     __tablename__ = "deployments"
     __table_args__ = (
         Index("ix_deployments_environment_created_at", "environment_id", "created_at"),
         Index("ix_deployments_feature_id", "feature_id"),
+        Index(
+            "uq_deployments_environment_holding",
+            "environment_id",
+            unique=True,
+            postgresql_where=_HOLDING_SQL,
+        ),
+        Index("ix_deployments_environment_finished_at", "environment_id", "finished_at"),
+        CheckConstraint(
+            "status IN ('queued', 'waiting', 'running', 'rolling_back', "
+            "'succeeded', 'failed', 'rolled_back', 'cancelled')",
+            name="ck_deployments_status",
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
@@ -224,6 +245,9 @@ class Deployment(Base):
     version: Mapped[str] = mapped_column(String(255))
     previous_version: Mapped[str | None] = mapped_column(String(255))
     status: Mapped[str] = mapped_column(String(32), default="queued")
+    # The step a holding deployment is in (validate, deploy, verify, rollback): a delivery
+    # that finds its predecessor died knows whether anything needs rolling back.
+    step: Mapped[str | None] = mapped_column(String(32))
     force: Mapped[bool] = mapped_column(Boolean, default=False)
     error: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = _now()

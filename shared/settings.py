@@ -18,7 +18,12 @@ from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Secrets that get a generated, persisted value in development and must be set elsewhere.
-_DEV_SECRETS = ("token_pepper", "flower_password")
+_DEV_SECRETS = ("token_pepper", "flower_password", "webhook_secret")
+# Required for any process to start in production. The webhook secret is checked when a
+# webhook deployment signs its request instead: a site without webhook environments need
+# not invent one (and docker-compose.yml does not pass it).
+_PRODUCTION_SECRETS = ("token_pepper", "flower_password")
+SecretName = Literal["token_pepper", "flower_password", "webhook_secret"]
 
 
 class Settings(BaseSettings):
@@ -90,11 +95,25 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_json: bool = True
+    # Deployments.
+    # HMAC-SHA256 key that signs webhook deployments. Only the worker reads it; it never
+    # travels in task arguments, job rows, Redis or logs.
+    webhook_secret: SecretStr | None = None
+    deploy_webhook_attempts: int = 5  # tries per webhook call on 5xx, timeouts, refusals
+    deploy_webhook_backoff_s: float = 1.0  # first wait between tries; doubles each time
+    deploy_verify_timeout_s: float = 60.0  # how long verify polls the health-check URL
+    deploy_verify_interval_s: float = 1.0
+    deploy_output_max_chars: int = 4000  # command output kept in an event (its tail)
+    # Environment variables a `command` driver's process gets (nothing else: the worker's
+    # own environment holds database passwords and secrets).
+    deploy_command_env: list[str] = ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "KUBECONFIG"]
+    deploy_stats_ttl_s: int = 60  # deployments:stats:* cache entries live this long
+
 
     @model_validator(mode="after")
     def _secrets_outside_development(self) -> Settings:
         if self.env == "production":
-            missing = [n for n in _DEV_SECRETS if getattr(self, n) is None]
+            missing = [n for n in _PRODUCTION_SECRETS if getattr(self, n) is None]
             if missing:
                 names = ", ".join(f"CONVEYOR_{n.upper()}" for n in missing)
                 raise ValueError(f"{names} must be set when CONVEYOR_ENV=production")
@@ -132,15 +151,21 @@ class Settings(BaseSettings):
                 tmp.replace(path)
         return stored
 
-    def secret(self, name: Literal["token_pepper", "flower_password"]) -> str:
+    def secret(self, name: SecretName) -> str:
         """The secret's value: set explicitly, or (outside production) generated and persisted."""
         value: SecretStr | None = getattr(self, name)
         if value is not None:
             return value.get_secret_value()
         return self._dev_secrets[name]
 
+        if self.env == "production":
+            raise RuntimeError(f"CONVEYOR_{name.upper()} must be set when CONVEYOR_ENV=production")
     def child_env(self) -> dict[str, str]:
         """The environment for a child process: ours, plus resolved service URLs."""
+    def command_env(self) -> dict[str, str]:
+        """The environment a deployment command runs with: only ``deploy_command_env``."""
+        return {name: os.environ[name] for name in self.deploy_command_env if name in os.environ}
+
         env = dict(os.environ)
         if self.database_url:
             env["DATABASE_URL"] = self.database_url

@@ -25,7 +25,12 @@ if not logging.getLogger().handlers:
     configure_logging(runtime.settings(), "worker")
 
 app: Celery = make_celery(runtime.settings())
-app.conf.include = ["worker.canary", "worker.imports", "worker.maintenance"]
+app.conf.include = [
+    "worker.canary",
+    "worker.imports",
+    "worker.deployments",
+    "worker.maintenance",
+]
 app.conf.beat_schedule = {
     "reap-stale-jobs": {"task": REAP_TASK, "schedule": runtime.settings().reaper_interval_s},
     "delete-finished-uploads": {

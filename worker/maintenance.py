@@ -1,4 +1,5 @@
-"""Periodic maintenance run by beat: the reaper and the cleanup of uploaded files."""
+"""Periodic maintenance run by beat: the reaper (jobs, then deployments they left) and the
+cleanup of uploaded files."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from celery import Task
 from sqlalchemy import and_, exists, or_, select
 from sqlalchemy.orm import Session
 
-from shared import jobs, storage
+from shared import deployments, jobs, storage
 from shared.models import FINISHED_STATES, ImportRun, Job, Upload
 from shared.queue import CLEANUP_TASK, REAP_TASK
 from worker import runtime
+from worker.deployments import after_release
 from worker.tasks import job_task
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,13 @@ def reap(self: Task) -> dict[str, int]:
         counts = jobs.reap_stale_jobs(
             session, runtime.publisher(), republish_after_s=settings.pending_republish_after_s
         )
+        # Deployments whose job ended without them (cancelled while waiting, failed after
+        # its workers kept dying) release their environment and wake the next in line.
+        closed, wake, environments = deployments.reconcile_finished(session)
+    for job_id in wake:
+        after_release(job_id, set())
+    after_release(None, environments)
+    counts["deployments_closed"] = closed
     if any(counts.values()):
         log.info("reaper acted", extra=counts)
     return counts

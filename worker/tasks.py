@@ -130,6 +130,9 @@ def execute_job(task: Task, job_id: str, body: Callable[[JobContext], dict[str, 
                 )
                 log.info("job cancelled")
                 return
+            except jobs.JobWaiting as exc:
+                log.info("job waiting; its turn will publish it again", extra={"why": str(exc)})
+                return
             except jobs.LeaseLost:
                 log.warning("lease lost to another delivery; stopping without writing")
                 return
