@@ -9,14 +9,21 @@ from flask import Flask
 
 from shared.logs import configure_logging
 from shared.settings import Settings, load_settings
-from web import canaries, health, imports, jobs
+from web import canaries, deployments, environments, health, imports, jobs
 from web.auth import check_api_protected
 from web.errors import register_error_handlers
 from web.extension import init_conveyor
 from web.request_ids import init_request_ids
 
-# One blueprint per resource; features, test_cases and deployments join here.
-BLUEPRINTS = (health.bp, jobs.bp, canaries.bp, imports.bp)
+# One blueprint per resource; features and test_cases join here.
+BLUEPRINTS = (
+    health.bp,
+    jobs.bp,
+    canaries.bp,
+    imports.bp,
+    environments.bp,
+    deployments.bp,
+)
 
 
 def create_app(settings: Settings | None = None) -> Flask:
