@@ -1359,5 +1359,154 @@ def import_file(
         sys.exit(1)
 
 
+# --- environments and deployments -----------------------------------------------------------
+
+
+@main.group("env")
+def env_group() -> None:
+    """Deployment environments, through the HTTP API."""
+
+
+@env_group.command("create")
+@click.argument("name")
+@click.option(
+    "--driver",
+    type=click.Choice(["record", "command", "webhook"]),
+    default="record",
+    show_default=True,
+)
+@click.option(
+    "--config", "config_json", default="{}", help="Driver config as JSON, e.g. '{\"argv\": [...]}'."
+)
+@click.option("--health-check-url", help="Verify polls it until 2xx.")
+@click.option(
+    "--no-require-passing-tests", is_flag=True, help="Deploy features whatever their tests say."
+)
+@_url_option
+@_token_option
+def env_create(
+    name: str,
+    driver: str,
+    config_json: str,
+    health_check_url: str | None,
+    no_require_passing_tests: bool,
+    url: str | None,
+    token: str | None,
+) -> None:
+    """Create an environment (admin token)."""
+    try:
+        config = json.loads(config_json)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--config") from None
+    settings = _load_settings()
+    base, plain = _api_base(settings, url), _api_token(settings, token)
+    body = {
+        "name": name,
+        "driver": driver,
+        "config": config,
+        "health_check_url": health_check_url,
+        "require_passing_tests": not no_require_passing_tests,
+    }
+    status, _, answer = _http("POST", f"{base}/api/v1/environments", plain, body=body)
+    if status != 201:
+        raise click.ClickException(f"not created: {_problem_details(status, answer)}")
+    click.echo(f"environment {answer['name']}: {answer['driver']} driver")
+
+
+@env_group.command("list")
+@_url_option
+@_token_option
+def env_list(url: str | None, token: str | None) -> None:
+    """Environments with their current version and last deployment."""
+    from rich.console import Console
+    from rich.table import Table
+
+    settings = _load_settings()
+    base, plain = _api_base(settings, url), _api_token(settings, token)
+    status, _, answer = _http("GET", f"{base}/api/v1/environments", plain)
+    if status != 200 or not isinstance(answer, dict):
+        raise click.ClickException(f"cannot list environments: {_problem(status, answer)}")
+    table = Table("name", "driver", "current version", "last deployment")
+    for env in answer["items"]:
+        last = env.get("last_deployment")
+        shown = f"{last['version']} {last['status']} ({last['id']})" if last else "-"
+        table.add_row(env["name"], env["driver"], env.get("current_version") or "-", shown)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+def _get_deployment(base: str, token: str, job_id: str) -> dict[str, Any]:
+    url = f"{base}/api/v1/deployments/{urllib.parse.quote(job_id)}"
+    status, _, body = _http("GET", url, token)
+    if status != 200 or not isinstance(body, dict):
+        raise click.ClickException(f"cannot read deployment {job_id}: {_problem(status, body)}")
+    return body
+
+
+@main.command("deploy")
+@click.argument("feature")
+@click.argument("environment")
+@click.argument("version")
+@click.option("--by-id", is_flag=True, help="FEATURE is the numeric id, not the external id.")
+@click.option("--force", is_flag=True, help="Deploy even if test cases have not all passed.")
+@click.option(
+    "--wait", is_flag=True, help="Show the steps as they happen; exit 1 unless it succeeds."
+)
+@click.option("--timeout", default=3600.0, show_default=True, help="Seconds --wait waits.")
+@_url_option
+@_token_option
+def deploy(
+    feature: str,
+    environment: str,
+    version: str,
+    by_id: bool,
+    force: bool,
+    wait: bool,
+    timeout: float,
+    url: str | None,
+    token: str | None,
+) -> None:
+    """Deploy VERSION of FEATURE (its external id) to ENVIRONMENT."""
+    settings = _load_settings()
+    base, plain = _api_base(settings, url), _api_token(settings, token)
+    body: dict[str, Any] = {"environment": environment, "version": version, "force": force}
+    if by_id:
+        if not feature.isdigit():
+            raise click.BadParameter("with --by-id, FEATURE is a number", param_hint="FEATURE")
+        body["feature_id"] = int(feature)
+    else:
+        body["feature_external_id"] = feature
+    status, _, answer = _http("POST", f"{base}/api/v1/deployments", plain, body=body)
+    if status not in (200, 202) or not isinstance(answer, dict):
+        raise click.ClickException(f"deployment refused: {_problem_details(status, answer)}")
+    job_id = str(answer["id"])
+    click.echo(f"deployment {job_id}: {answer['state']}")
+    if not wait:
+        click.echo(f"  follow it: conveyor job show {job_id} --wait")
+        return
+    deadline = time.monotonic() + timeout
+    shown = 0
+    while True:
+        current = _get_deployment(base, plain, job_id)
+        events = current.get("events") or []
+        for event in events[shown:]:
+            first, *rest = str(event["message"]).splitlines() or [""]
+            click.echo(f"{event['at']}  {event['step']:<9} {event['status']:<9} {first}")
+            for line in rest:
+                click.echo(f"{'':>40}{line}")
+        shown = len(events)
+        if current["state"] in FINISHED:
+            break
+        if time.monotonic() >= deadline:
+            raise click.ClickException(f"deployment {job_id} did not finish within {timeout:.0f} s")
+        time.sleep(0.3)
+    error = current.get("error") or {}
+    outcome = f"{current['state']} ({current['status']})"
+    if error:
+        outcome += f": {error.get('code')}: {error.get('message')}"
+    click.echo(f"deployment {job_id}: {outcome}")
+    if current["state"] != "SUCCESS":
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()
