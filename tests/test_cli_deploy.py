@@ -4,33 +4,24 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 
 import pytest
 import redis
-from werkzeug.serving import make_server
 
 from shared.db import Database
 from shared.models import TokenScope
 from shared.settings import Settings
 from shared.tokens import create_token
 from tests.conftest import ROOT, WorkerProcess, child_env
-from tests.web.conftest import build_app, close_app
+from tests.web.conftest import app, live_server  # noqa: F401 - fixtures, reused
 from tests.worker.deploying import make_feature
 
 
 @pytest.fixture
-def server(settings: Settings, committed_db: Database, redis_url: str) -> Iterator[str]:
-    app = build_app(settings)
-    http = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=http.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{http.server_port}"
-    http.shutdown()
-    http.server_close()
-    thread.join(timeout=5)
-    close_app(app)
+def server(request: pytest.FixtureRequest, redis_url: str) -> Iterator[str]:
+    """The API on a free port (``live_server``); the deployments queue emptied afterwards."""
+    yield request.getfixturevalue("live_server")
     client = redis.Redis.from_url(redis_url)
     client.delete("deployments")
     client.close()

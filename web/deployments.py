@@ -88,6 +88,13 @@ class DeploymentIn(BaseModel):
         return self
 
 
+def _no_store(body: dict[str, Any]) -> Response:
+    # Deployments change under the client's feet; no cache may answer for them.
+    response = jsonify(body)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
 def deployment_url(job_id: uuid.UUID | str) -> str:
     return link("deployments.get_deployment", job_id=str(job_id))
 
@@ -248,9 +255,7 @@ def get_deployment(job_id: str) -> Response:
         {"at": iso(e.created_at), "step": e.step, "status": e.status, "message": e.message}
         for e in events
     ]
-    response = jsonify(body)
-    response.headers["Cache-Control"] = "no-store"
-    return response
+    return _no_store(body)
 
 
 class DeploymentListQuery(BaseModel):
@@ -313,9 +318,7 @@ def list_deployments() -> Response:
             "prev": page_link(q.page - 1) if q.page > 1 else None,
         },
     }
-    response = jsonify(body)
-    response.headers["Cache-Control"] = "no-store"
-    return response
+    return _no_store(body)
 
 
 class StatsQuery(BaseModel):
@@ -405,6 +408,4 @@ def deployment_stats() -> Response:
         except redis.RedisError:
             log.warning("stats cache unavailable", exc_info=True)
         body["cached"] = False
-    response = jsonify(body)
-    response.headers["Cache-Control"] = "no-store"
-    return response
+    return _no_store(body)
