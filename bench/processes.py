@@ -26,9 +26,16 @@ from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
-# Our own choices for the children; anything else named CONVEYOR_* in the caller's
-# environment (a fault point, a port) would make the measurement something else.
-_OURS = ("CONVEYOR_STATE_DIR", "CONVEYOR_ENV")
+# Our own choices for the children, and the tuning knobs a reader of the benchmark may
+# want to compare (CONVEYOR_IMPORT_WRITERS=1, CONVEYOR_UPLOAD_COMPRESSION=identity); anything
+# else named CONVEYOR_* in the caller's environment (a fault point, a port) would make
+# the measurement something else.
+_OURS = (
+    "CONVEYOR_STATE_DIR",
+    "CONVEYOR_ENV",
+    "CONVEYOR_IMPORT_WRITERS",
+    "CONVEYOR_UPLOAD_COMPRESSION",
+)
 
 
 def free_port() -> int:

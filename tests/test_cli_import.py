@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, update
 from werkzeug.serving import make_server
 
 from shared.db import Database
@@ -27,6 +27,7 @@ from shared.settings import Settings
 from shared.tokens import create_token
 from tests.conftest import ROOT, child_env, wait_until
 from tests.web.conftest import build_app, close_app
+from tests.worker.importing import stored_file
 
 HEADER = "external_id,name,description,status,complexity_points,created_at"
 JOB_LINE = re.compile(r"^import ([0-9a-f-]{36}): (\w+)", re.MULTILINE)
@@ -80,15 +81,6 @@ def job_id_of(output: str) -> str:
     return match.group(1)
 
 
-def stored(db: Database, job_id: str) -> tuple[Job, ImportRun, Upload, bytes]:
-    with db.session() as s:
-        job = s.get_one(Job, uuid.UUID(job_id))
-        run_row = s.get_one(ImportRun, job.id)
-        upload = s.get_one(Upload, run_row.upload_id)
-        data = s.execute(text("SELECT lo_get(:oid)"), {"oid": upload.oid}).scalar_one()
-        return job, run_row, upload, bytes(data)
-
-
 def features_csv(path: Path, rows: int) -> bytes:
     lines = [HEADER] + [f"F-{i},Feature {i},some text,planned,{i % 8}," for i in range(rows)]
     content = ("\n".join(lines) + "\n").encode()
@@ -112,7 +104,7 @@ def test_import_uploads_the_file_and_prints_the_job(
     assert "PENDING" in result.stdout
     assert f"conveyor job show {job_id} --wait" in result.stdout
 
-    job, run_row, upload, data = stored(committed_db, job_id)
+    job, run_row, upload, data = stored_file(committed_db, job_id)
     assert data == content
     assert upload.size_bytes == len(content)
     assert upload.content_type == "text/csv"
@@ -139,7 +131,7 @@ def test_import_gzip_ndjson_with_an_idempotency_key(
     assert job_id_of(first.stdout) == job_id_of(second.stdout)
     assert "earlier upload" in second.stdout
 
-    _, run_row, upload, data = stored(committed_db, job_id_of(first.stdout))
+    _, run_row, upload, data = stored_file(committed_db, job_id_of(first.stdout))
     assert data == content  # stored decompressed
     assert run_row.format == "ndjson"
     assert upload.content_type == "application/x-ndjson"

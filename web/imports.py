@@ -439,7 +439,9 @@ def create_import() -> Response:
         else:
             incoming.pieces = _peek_first(incoming.pieces)
         # The large object is created in this transaction: a rollback leaves nothing.
-        oid, size, digest = storage.write_stream(session, incoming.pieces, limit)
+        stored = storage.write_stream(
+            session, incoming.pieces, limit, compression=settings.upload_compression
+        )
     except storage.TooLarge:
         session.rollback()
         raise PayloadTooLarge(
@@ -452,9 +454,10 @@ def create_import() -> Response:
         raise
     upload = Upload(
         id=uuid.uuid4(),
-        oid=oid,
-        size_bytes=size,
-        sha256=digest,
+        oid=stored.oid,
+        size_bytes=stored.size,
+        sha256=stored.sha256,
+        compression=stored.compression,
         content_type=incoming.content_type,
         filename=incoming.filename,
         owner=current_principal().token_id,
@@ -465,8 +468,8 @@ def create_import() -> Response:
         "target": q.target,
         "format": incoming.format,
         "max_errors": max_errors,
-        "sha256": digest,
-        "size_bytes": size,
+        "sha256": stored.sha256,
+        "size_bytes": stored.size,
     }
     header = {"columns": incoming.columns} if incoming.columns is not None else None
 
@@ -478,8 +481,8 @@ def create_import() -> Response:
                 target=q.target,
                 format=incoming.format,
                 max_errors=max_errors,
-                size_bytes=size,
-                sha256=digest,
+                size_bytes=stored.size,
+                sha256=stored.sha256,
                 header=header,
             )
         )

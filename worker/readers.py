@@ -46,7 +46,7 @@ class _Lines:
     keeps going on the next call (csv.reader resets its state on every record).
     """
 
-    def __init__(self, stream: io.BufferedReader, offset: int, line: int) -> None:
+    def __init__(self, stream: io.BufferedIOBase, offset: int, line: int) -> None:
         self.stream = stream
         self.offset = offset  # bytes consumed so far
         self.line = line  # physical lines consumed so far
@@ -94,7 +94,7 @@ class CsvReader:
 
     def __init__(
         self,
-        stream: io.BufferedReader,
+        stream: io.BufferedIOBase,
         *,
         offset: int = 0,
         line: int = 0,
@@ -172,7 +172,7 @@ class CsvReader:
 class NdjsonReader:
     """Records of an NDJSON file: one JSON object per physical line."""
 
-    def __init__(self, stream: io.BufferedReader, *, offset: int = 0, line: int = 0) -> None:
+    def __init__(self, stream: io.BufferedIOBase, *, offset: int = 0, line: int = 0) -> None:
         self._stream = stream
         self.offset = offset
         self.line = line

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
 import pytest
 import redis
@@ -15,11 +14,6 @@ from shared import jobs
 from shared.models import Job, JobState
 from shared.queue import Publisher, PublishError
 from shared.settings import Settings
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
-
-    from shared.db import Database
 
 EXPIRED = func.clock_timestamp() - timedelta(seconds=1)
 
@@ -176,26 +170,3 @@ def test_reaper_does_not_duplicate_jobs_waiting_in_a_backlog(
     counts = jobs.reap_stale_jobs(session, publisher, republish_after_s=0)
     assert counts["republished"] == 0
     assert sorted(_queue_ids(settings)) == sorted(str(j.id) for j in waiting)
-
-
-def test_a_stalled_upload_is_ended_by_the_server(db: Database) -> None:
-    import time as _time
-
-    import sqlalchemy as sa
-
-    from shared import storage
-
-    def stalling() -> Iterator[bytes]:
-        yield b"first piece\n"
-        _time.sleep(2.5)  # longer than the idle timeout below
-        yield b"second piece\n"
-
-    import psycopg2
-
-    with db.session() as s:
-        count_before = s.scalar(sa.text("SELECT count(*) FROM pg_largeobject_metadata"))
-    # The server ends the session: the write fails (and so does the rollback after it).
-    with pytest.raises((psycopg2.Error, sa.exc.DBAPIError)), db.session() as s:
-        storage.write_stream(s, stalling(), 1 << 20, idle_timeout_s=1)
-    with db.session() as s:
-        assert s.scalar(sa.text("SELECT count(*) FROM pg_largeobject_metadata")) == count_before

@@ -42,6 +42,7 @@ from tests.web.conftest import (
     run_gunicorn,
     set_job,
 )
+from tests.worker.importing import stored_file
 
 URL = "/api/v1/imports"
 SMALL_LIMIT = 1000
@@ -89,16 +90,6 @@ def counts(db: Database) -> dict[str, int]:
             "imports": conn.scalar(text("SELECT count(*) FROM imports")),
             "jobs": conn.scalar(text("SELECT count(*) FROM jobs")),
         }
-
-
-def stored_file(db: Database, job_id: str) -> tuple[Job, ImportRun, Upload, bytes]:
-    """The job, its import row, its upload row and the large object's bytes."""
-    with db.session() as s:
-        job = s.get_one(Job, uuid.UUID(job_id))
-        run = s.get_one(ImportRun, uuid.UUID(job_id))
-        upload = s.get_one(Upload, run.upload_id)
-        data = s.execute(text("SELECT lo_get(:oid)"), {"oid": upload.oid}).scalar_one()
-        return job, run, upload, bytes(data)
 
 
 def assert_accepted(

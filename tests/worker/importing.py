@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import time
 import uuid
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from shared import jobs, storage
 from shared.db import Database
@@ -27,12 +28,13 @@ def create_import(
 ) -> uuid.UUID:
     """Store ``data`` as an upload and submit an import job for it (published)."""
     with db.session() as s:
-        oid, size, sha = storage.write_stream(s, [data], 1 << 34)
+        stored = storage.write_stream(s, [data], 1 << 34)
         upload = Upload(
             id=uuid.uuid4(),
-            oid=oid,
-            size_bytes=size,
-            sha256=sha,
+            oid=stored.oid,
+            size_bytes=stored.size,
+            sha256=stored.sha256,
+            compression=stored.compression,
             content_type="text/csv",
             owner="tests",
         )
@@ -46,12 +48,17 @@ def create_import(
                     target=target,
                     format=fmt,
                     max_errors=max_errors,
-                    size_bytes=size,
-                    sha256=sha,
+                    size_bytes=stored.size,
+                    sha256=stored.sha256,
                 )
             )
 
-        params = {"target": target, "format": fmt, "max_errors": max_errors, "sha256": sha}
+        params = {
+            "target": target,
+            "format": fmt,
+            "max_errors": max_errors,
+            "sha256": stored.sha256,
+        }
         sub = jobs.submit(
             s,
             Publisher(settings),
@@ -109,3 +116,18 @@ def count(db: Database, model: type[Feature] | type[TestCase] = Feature) -> int:
 def run_record(db: Database, job_id: uuid.UUID) -> ImportRun:
     with db.session() as s:
         return s.get_one(ImportRun, job_id)
+
+
+def stored_file(db: Database, job_id: str) -> tuple[Job, ImportRun, Upload, bytes]:
+    """The job, its import row, its upload row and the file as uploaded.
+
+    The large object's bytes are read in SQL and inflated here with the standard library,
+    not through ``shared.storage``: the test checks what is really stored.
+    """
+    with db.session() as s:
+        job = s.get_one(Job, uuid.UUID(job_id))
+        run = s.get_one(ImportRun, job.id)
+        upload = s.get_one(Upload, run.upload_id)
+        data = bytes(s.execute(text("SELECT lo_get(:oid)"), {"oid": upload.oid}).scalar_one())
+    assert upload.compression == "gzip"
+    return job, run, upload, gzip.decompress(data)

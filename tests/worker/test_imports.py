@@ -74,13 +74,14 @@ def test_hostile_values_are_stored_verbatim(settings: Settings, committed_db: Da
         "H-6": "emoji 🚀 and ünïcödé",
         "H-7": 'quote " and ""double""',
         "H-8": "=1+1",
+        'H-9, "quoted"': "carriage\r\nreturn, comma",
     }
 
     def quoted(value: str) -> str:
         return '"' + value.replace('"', '""') + '"'
 
     body = HEADER + b"".join(
-        f"{k},{quoted(v)},{quoted(v)},done,3,\n".encode() for k, v in values.items()
+        f"{quoted(k)},{quoted(v)},{quoted(v)},done,3,\n".encode() for k, v in values.items()
     )
     job = run_directly(committed_db, settings, create_import(committed_db, settings, body))
     assert job.state == "SUCCESS", job.error
