@@ -18,7 +18,7 @@ T ?=
 COMPOSE_LINT_ENV := CONVEYOR_TOKEN_PEPPER=lint-placeholder-000000 \
 	CONVEYOR_FLOWER_PASSWORD=lint-placeholder-000000 POSTGRES_PASSWORD=lint-placeholder
 
-.PHONY: help run test lint bench bench-import clean compose-tool
+.PHONY: help run test lint bench bench-import bench-load bench-tools clean compose-tool
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -57,11 +57,31 @@ compose-tool:
 		fi; \
 	fi
 
-bench: $(STAMP) ## run every benchmark in bench/; ARGS="import --rows 10000000" runs one
+bench: $(STAMP) bench-tools ## run every benchmark in bench/; ARGS="import --rows 10000000" runs one
 	$(BIN)/python -m bench $(ARGS)
 
 bench-import: $(STAMP) ## import benchmark: psql COPY vs ORM vs Conveyor; ARGS="--rows 1000000,10000000"
 	$(BIN)/python -m bench import $(ARGS)
+
+bench-load: $(STAMP) bench-tools ## the seed's load scenario, cached GET peak, job path; ARGS="--quick"
+	$(BIN)/python -m bench load $(ARGS)
+
+# Load generators are tools, not dependencies: hey from Debian, locust in a venv of its own
+# (it brings gevent and its own Flask, which must not meet the project's).
+BENCH_TOOLS := .conveyor/bench/tools
+LOCUST_VERSION := 2.47.0
+bench-tools: | $(BIN)/python
+	@if ! command -v hey >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey >/dev/null; \
+		else \
+			echo "hey is missing (Debian package hey): the load benchmark cannot run" >&2; \
+		fi; \
+	fi
+	@if ! $(BENCH_TOOLS)/bin/locust --version 2>/dev/null | grep -q "$(LOCUST_VERSION)"; then \
+		$(PYTHON) -m venv $(BENCH_TOOLS) && \
+		$(BENCH_TOOLS)/bin/pip install --quiet "locust==$(LOCUST_VERSION)"; \
+	fi
 
 clean: ## remove caches, build output and .venv (never .conveyor: it holds your data)
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

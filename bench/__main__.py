@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from types import ModuleType
 
-from bench import imports
+from bench import imports, load
 
 # name → a module with ``add_arguments(parser)`` and ``run(args)``; its docstring's first
-# line is the help. Later issues add "load" and "tasks".
-BENCHMARKS: dict[str, ModuleType] = {"import": imports}
+# line is the help.
+BENCHMARKS: dict[str, ModuleType] = {"import": imports, "load": load}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,799 @@
+"""The seed's load scenario, the cached GET's peak, and the job path under load (issue 5).
+
+Three phases against real gunicorn, Celery and Flower processes on the benchmark database:
+
+1. **Seed scenario** (locust, ``bench/locustfile.py``; ``bench/load_test.js`` is the same
+   for k6): up to 100 users, each looping GET the first page of features, POST a feature,
+   sleep 1 s, on the seed's ramp (``bench/load_stages.json``; ``--quick`` divides it by 10).
+   Prints req/s, p50/p95/p99 and the error rate next to the seed's targets.
+2. **Peak of the cached GET** (hey, open loop: a fixed offered rate spread over many
+   connections, raised step by step) until p99 passes 800 ms, errors pass 0.1 % or the
+   server falls behind the offered rate; the same ladder on the bare ``/healthz`` endpoint
+   of the same server is the baseline.
+3. **Job path**: ``POST /api/v1/canaries`` at p99 ≤ 50 ms against Flower's
+   ``POST /api/task/async-apply`` on the same broker (no worker running, so both measure
+   enqueueing only); then canary jobs/s from HTTP submit to ``SUCCESS`` against raw Celery
+   (``send_task`` of Celery's built-in ``celery.accumulate``, a no-op) drained by the same
+   worker settings, timed by the worker's own task events.
+
+Results go to ``.conveyor/bench/load.json``. Tools: ``hey`` (Debian package) and locust
+(in ``.conveyor/bench/tools``); ``make bench-tools`` installs both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Celery
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
+
+from bench.processes import Child, child_env, free_port, wait_http_ok, wait_log
+from bench.services import BenchServices, bench_services
+from shared.cli import flower_command, flower_env, web_command, worker_command
+from shared.models import TokenScope
+from shared.queue import celery_config
+from shared.settings import Settings
+from shared.tokens import create_token
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE_DIR = ROOT / ".conveyor" / "bench"
+LOCUST = CACHE_DIR / "tools" / "bin" / "locust"
+CONFIG = json.loads((Path(__file__).parent / "load_stages.json").read_text())
+TARGETS = CONFIG["thresholds"]
+PEAK_P99_S = TARGETS["p99_ms"] / 1000
+ERROR_LIMIT = TARGETS["error_rate"]
+ENQUEUE_P99_S = 0.050  # the job path's latency bound (issue 5, point 6)
+TARGET_PEAK_OVER_BARE = 0.8
+TARGET_CANARY_OVER_FLOWER = 2.0
+TARGET_JOBS_OVER_RAW = 0.5
+# Offered rates for the open-loop ladders (req/s); a ladder stops at the first failing step.
+PEAK_RATES = (1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 10000, 12000, 15000, 20000)
+ENQUEUE_RATES = (100, 200, 300, 400, 500, 600, 800, 1000, 1200, 1500, 2000, 3000)
+SEED_FEATURES = 10_000
+LIST_PATH = "/api/v1/features?page=1&page_size=20"
+
+console = Console(width=None if sys.stdout.isatty() else 150)
+
+
+# --- hey: one step of an open-loop ladder -------------------------------------------------
+
+
+@dataclass
+class Step:
+    """One fixed-rate run: what was offered and what came back."""
+
+    offered: float
+    achieved: float
+    requests: int
+    errors: int  # transport errors and non-2xx answers
+    p50_s: float
+    p95_s: float
+    p99_s: float
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 1.0
+
+    def passes(self, p99_limit_s: float) -> bool:
+        # Falling behind the offered rate means the queue grows without bound: not a pass.
+        return (
+            self.p99_s <= p99_limit_s
+            and self.error_rate < ERROR_LIMIT
+            and self.achieved >= 0.9 * self.offered
+        )
+
+
+_HEY_LINE = {
+    "rps": re.compile(r"Requests/sec:\s+([0-9.]+)"),
+    "p50": re.compile(r"50%+ in ([0-9.]+) secs"),
+    "p95": re.compile(r"95%+ in ([0-9.]+) secs"),
+    "p99": re.compile(r"99%+ in ([0-9.]+) secs"),
+}
+_HEY_STATUS = re.compile(r"\[(\d{3})\]\s+(\d+) responses")
+_HEY_ERRORS = re.compile(r"^\s+\[(\d+)\]\s", re.MULTILINE)
+
+
+def hey_step(
+    url: str,
+    rate: float,
+    seconds: float,
+    *,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    body: str | None = None,
+    basic_auth: str | None = None,
+) -> Step:
+    """Offer ``rate`` req/s for ``seconds`` with enough connections to keep the loop open."""
+    # Each connection sends at rate/connections; with ≥ 50 ms between its requests a
+    # connection is not the bottleneck unless the server already answers slower than that.
+    connections = max(8, min(1000, math.ceil(rate / 20)))
+    argv = ["hey", "-z", f"{seconds}s", "-c", str(connections), "-q", f"{rate / connections:.4f}"]
+    argv += ["-m", method, "-t", "10"]
+    for name, value in (headers or {}).items():
+        argv += ["-H", f"{name}: {value}"]
+    if body is not None:
+        argv += ["-T", "application/json", "-d", body]
+    if basic_auth:
+        argv += ["-a", basic_auth]
+    out = subprocess.run([*argv, url], capture_output=True, text=True, check=True).stdout
+    values = {
+        k: float(m.group(1)) if (m := p.search(out)) else math.inf for k, p in _HEY_LINE.items()
+    }
+    answered = {int(code): int(n) for code, n in _HEY_STATUS.findall(out)}
+    errors = (
+        sum(int(n) for n in _HEY_ERRORS.findall(out.split("Error distribution:")[-1]))
+        if ("Error distribution:" in out)
+        else 0
+    )
+    ok = sum(n for code, n in answered.items() if 200 <= code < 300)
+    total = sum(answered.values()) + errors
+    return Step(
+        offered=rate,
+        achieved=ok / seconds if values["rps"] != math.inf else 0.0,
+        requests=total,
+        errors=total - ok,
+        p50_s=values["p50"],
+        p95_s=values["p95"],
+        p99_s=values["p99"],
+    )
+
+
+@dataclass
+class Ladder:
+    """Steps at rising offered rates; the peak is the best rate of a passing step."""
+
+    label: str
+    p99_limit_s: float
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def peak(self) -> Step | None:
+        passing = [s for s in self.steps if s.passes(self.p99_limit_s)]
+        return max(passing, key=lambda s: s.achieved) if passing else None
+
+
+def climb(
+    label: str, rates: tuple[int, ...], seconds: float, p99_limit_s: float, **hey: Any
+) -> Ladder:
+    """Raise the offered rate until a step fails; print each step as it ends."""
+    ladder = Ladder(label, p99_limit_s)
+    console.print(f"  {label}:", end="")
+    for rate in rates:
+        step = hey_step(rate=rate, seconds=seconds, **hey)
+        ladder.steps.append(step)
+        mark = "" if step.passes(p99_limit_s) else "✗"
+        console.print(f" {step.achieved:,.0f}{mark}", end="")
+        if not step.passes(p99_limit_s):
+            break
+    console.print()
+    return ladder
+
+
+# --- the stack under test ----------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    token: str
+    base: str
+    engine: Engine
+    env: dict[str, str]
+    log_dir: Path
+    children: list[Child] = field(default_factory=list)
+
+    def start(self, child: Child) -> Child:
+        self.children.append(child)
+        return child
+
+    def stop(self, child: Child) -> None:
+        child.stop()
+        self.children.remove(child)
+
+
+@contextlib.contextmanager
+def stack(services: BenchServices, web: str, log_dir: Path) -> Iterator[Stack]:
+    """gunicorn with ``web`` as WORKERSxTHREADS, a write token, and seeded features."""
+    workers, threads = (int(x) for x in web.lower().split("x"))
+    state = Path(tempfile.mkdtemp(prefix="conveyor-bench-load-"))
+    settings = Settings(
+        env="development",
+        database_url=services.database_url,
+        redis_url=services.redis_url,
+        state_dir=state,
+        web_host="127.0.0.1",
+        web_port=free_port(),
+        flower_host="127.0.0.1",
+        flower_port=free_port(),
+    )
+    pepper = settings.secret("token_pepper")
+    settings.secret("flower_password")  # generated now, before any child reads the file
+    engine = create_engine(services.database_url, poolclass=NullPool)
+    with Session(engine) as session:
+        _, token = create_token(session, pepper, "bench-load", TokenScope.WRITE)
+    _seed_features(engine)
+    env = child_env(settings)
+    s = Stack(settings, token, f"http://127.0.0.1:{settings.web_port}", engine, env, log_dir)
+    try:
+        web_child = s.start(
+            Child(
+                "web",
+                web_command(settings, workers=workers, threads=threads),
+                env,
+                log_dir / f"web-{web}.log",
+            )
+        )
+        wait_http_ok(s.base + "/readyz", web_child)
+        yield s
+    finally:
+        for child in list(s.children):
+            child.stop()
+        engine.dispose()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _seed_features(engine: Engine) -> None:
+    """A realistic table to page through: SEED_FEATURES rows over the last 90 days."""
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE features CASCADE"))
+        conn.execute(
+            text(
+                "INSERT INTO features (external_id, name, description, status, complexity_points,"
+                " created_at) SELECT 'LOAD-' || i, 'Seeded feature ' || i,"
+                " repeat('Description of a seeded feature. ', 1 + i % 4),"
+                " (ARRAY['planned','in_progress','testing','done'])[1 + i % 4], i % 21,"
+                " now() - make_interval(secs => i * 777) FROM generate_series(1, :n) AS i"
+            ),
+            {"n": SEED_FEATURES},
+        )
+        conn.execute(text("ANALYZE features"))
+
+
+def _auth(s: Stack) -> dict[str, str]:
+    return {"Authorization": f"Bearer {s.token}"}
+
+
+# --- phase 1: the seed scenario -----------------------------------------------------------------
+
+
+@dataclass
+class SeedResult:
+    requests: int
+    failures: int
+    req_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    seconds: float
+    per_endpoint: dict[str, dict[str, float]]
+
+    @property
+    def error_rate(self) -> float:
+        return self.failures / self.requests if self.requests else 1.0
+
+
+def run_seed(s: Stack, quick: bool) -> SeedResult:
+    """The locust run of bench/locustfile.py against the live stack."""
+    if not LOCUST.exists():
+        raise RuntimeError(f"{LOCUST} is missing: run `make bench-tools`")
+    prefix = s.log_dir / "seed"
+    env = {
+        **s.env,
+        "CONVEYOR_BENCH_TOKEN": s.token,
+        "CONVEYOR_BENCH_QUICK": "1" if quick else "0",
+    }
+    started = time.monotonic()
+    with (s.log_dir / "locust.log").open("wb") as log:
+        subprocess.run(
+            [
+                str(LOCUST),
+                "-f",
+                str(ROOT / "bench" / "locustfile.py"),
+                "--headless",
+                "--host",
+                s.base,
+                "--csv",
+                str(prefix),
+                "--only-summary",
+                "--stop-timeout",
+                "5",
+                "--loglevel",
+                "WARNING",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            check=False,
+            cwd=ROOT,
+        )
+    seconds = time.monotonic() - started
+    rows = {}
+    with open(f"{prefix}_stats.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            rows[row["Name"]] = row
+    total = rows.get("Aggregated")
+    if total is None or int(total["Request Count"]) == 0:
+        raise RuntimeError(f"locust made no requests; see {s.log_dir / 'locust.log'}")
+
+    def figures(row: dict[str, str]) -> dict[str, float]:
+        return {
+            "requests": int(row["Request Count"]),
+            "failures": int(row["Failure Count"]),
+            "req_per_s": float(row["Requests/s"]),
+            "p50_ms": float(row["50%"]),
+            "p95_ms": float(row["95%"]),
+            "p99_ms": float(row["99%"]),
+        }
+
+    agg = figures(total)
+    return SeedResult(
+        requests=int(agg["requests"]),
+        failures=int(agg["failures"]),
+        req_per_s=agg["req_per_s"],
+        p50_ms=agg["p50_ms"],
+        p95_ms=agg["p95_ms"],
+        p99_ms=agg["p99_ms"],
+        seconds=round(seconds, 1),
+        per_endpoint={name: figures(row) for name, row in rows.items() if name != "Aggregated"},
+    )
+
+
+# --- phase 3: the job path ----------------------------------------------------------------------
+
+
+def _celery(settings: Settings) -> Celery:
+    app = Celery("bench")
+    app.conf.update(celery_config(settings))
+    return app
+
+
+class SucceededEvents:
+    """Counts ``task-succeeded`` events for chosen task ids, from the workers' event stream."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self.wanted: set[str] = set()
+        self.done: dict[str, float] = {}
+        self.lock = threading.Lock()
+        self._receiver: Any = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._ready = threading.Event()
+
+    def _run(self) -> None:
+        with self.app.connection() as conn:
+            self._receiver = self.app.events.Receiver(conn, handlers={"task-succeeded": self._on})
+            self._ready.set()
+            self._receiver.capture(limit=None, timeout=None, wakeup=False)
+
+    def _on(self, event: dict[str, Any]) -> None:
+        with self.lock:
+            self.done.setdefault(event["uuid"], time.time())
+
+    def __enter__(self) -> SucceededEvents:
+        self._thread.start()
+        self._ready.wait(10)
+        time.sleep(0.5)  # the receiver's queue is bound before anything is sent
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._receiver is not None:
+            self._receiver.should_stop = True
+
+    def count(self, ids: set[str]) -> int:
+        with self.lock:
+            return len(ids.intersection(self.done))
+
+    def last(self, ids: set[str]) -> float:
+        with self.lock:
+            return max(self.done[i] for i in ids if i in self.done)
+
+
+def _wait(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def run_raw_celery(s: Stack, n: int) -> float:
+    """No-op tasks/s: publish ``n`` and time until the worker reports the last one done."""
+    app = _celery(s.settings)
+    with SucceededEvents(app) as events:
+        ids = {str(uuid.uuid4()) for _ in range(n)}
+        started = time.time()
+        with app.producer_or_acquire() as producer:
+            for task_id in ids:
+                app.send_task(
+                    "celery.accumulate",
+                    args=(1,),
+                    task_id=task_id,
+                    queue="default",
+                    producer=producer,
+                )
+        _wait(lambda: events.count(ids) == n, 300, f"{n} no-op tasks")
+        return n / (events.last(ids) - started)
+
+
+def run_canary_jobs(s: Stack, n: int) -> float:
+    """Canary jobs/s from the first HTTP submit to the last SUCCESS (the job rows' times)."""
+    with s.engine.begin() as conn:
+        conn.execute(text("DELETE FROM jobs WHERE kind = 'canary'"))
+    subprocess.run(
+        [
+            "hey",
+            "-n",
+            str(n),
+            "-c",
+            "32",
+            "-m",
+            "POST",
+            "-T",
+            "application/json",
+            "-d",
+            "{}",
+            "-H",
+            f"Authorization: Bearer {s.token}",
+            s.base + "/api/v1/canaries",
+        ],
+        capture_output=True,
+        check=True,
+    )
+
+    def finished() -> bool:
+        with s.engine.connect() as conn:
+            return (
+                conn.scalar(
+                    text(
+                        "SELECT count(*) FROM jobs"
+                        " WHERE kind = 'canary' AND state IN ('SUCCESS', 'FAILURE')"
+                    )
+                )
+                == n
+            )
+
+    _wait(finished, 300, f"{n} canary jobs")
+    with s.engine.connect() as conn:
+        first, last, ok = conn.execute(
+            text(
+                "SELECT min(created_at), max(finished_at),"
+                " count(*) FILTER (WHERE state = 'SUCCESS') FROM jobs WHERE kind = 'canary'"
+            )
+        ).one()
+    if ok != n:
+        raise RuntimeError(f"only {ok} of {n} canaries succeeded")
+    return n / (last - first).total_seconds()
+
+
+def _purge(settings: Settings) -> None:
+    client = redis.Redis.from_url(settings.redis_url or "")
+    try:
+        for name in ("default", "imports", "deployments"):
+            client.delete(name)
+    finally:
+        client.close()
+
+
+def run_jobs(s: Stack, quick: bool) -> dict[str, Any]:
+    """Phase 3: enqueue rate against Flower, then end-to-end jobs/s against raw Celery."""
+    seconds = 3 if quick else 5
+    flower = s.start(
+        Child(
+            "flower",
+            flower_command(s.settings),
+            flower_env(s.settings, s.env),
+            s.log_dir / "flower.log",
+        )
+    )
+    flower_base = f"http://127.0.0.1:{s.settings.flower_port}"
+    basic = f"{s.settings.flower_user}:{s.settings.secret('flower_password')}"
+    deadline = time.monotonic() + 60
+    while (
+        subprocess.run(
+            ["hey", "-n", "1", "-a", basic, flower_base + "/api/workers"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.find("[200]")
+        < 0
+    ):
+        if time.monotonic() > deadline or not flower.alive():
+            raise RuntimeError(f"Flower did not come up:\n{flower.log_tail()}")
+        time.sleep(0.5)
+    canary = climb(
+        "POST /api/v1/canaries",
+        ENQUEUE_RATES,
+        seconds,
+        ENQUEUE_P99_S,
+        url=s.base + "/api/v1/canaries",
+        method="POST",
+        headers=_auth(s),
+        body="{}",
+    )
+    _purge(s.settings)
+    flower_ladder = climb(
+        "Flower async-apply",
+        ENQUEUE_RATES,
+        seconds,
+        ENQUEUE_P99_S,
+        url=flower_base + "/api/task/async-apply/conveyor.canary.run",
+        method="POST",
+        body=json.dumps({"args": [str(uuid.uuid4())]}),
+        basic_auth=basic,
+    )
+    _purge(s.settings)
+    s.stop(flower)
+    with s.engine.begin() as conn:
+        conn.execute(text("DELETE FROM jobs WHERE kind = 'canary'"))
+
+    worker = s.start(
+        Child(
+            "worker",
+            worker_command(
+                s.settings, queues="default", extra=["--without-gossip", "--without-mingle"]
+            ),
+            s.env,
+            s.log_dir / "worker.log",
+        )
+    )
+    wait_log(worker, b" ready.")
+    n = 500 if quick else 2000
+    console.print(f"  {n} jobs: raw Celery no-op ...", end=" ")
+    raw = run_raw_celery(s, n)
+    console.print(f"{raw:,.0f}/s; canaries ...", end=" ")
+    jobs = run_canary_jobs(s, n)
+    console.print(f"{jobs:,.0f}/s")
+    s.stop(worker)
+    return {
+        "canary_enqueue": asdict(canary.peak) if canary.peak else None,
+        "flower_enqueue": asdict(flower_ladder.peak) if flower_ladder.peak else None,
+        "canary_steps": [asdict(x) for x in canary.steps],
+        "flower_steps": [asdict(x) for x in flower_ladder.steps],
+        "jobs": n,
+        "raw_celery_per_s": round(raw, 1),
+        "canary_jobs_per_s": round(jobs, 1),
+        "worker_concurrency": s.settings.worker_concurrency,
+    }
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+def _mark(ok: bool) -> str:
+    return "✓" if ok else "✗"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:,.1f}" if math.isfinite(seconds) else "—"
+
+
+def print_seed(seed: SeedResult) -> None:
+    table = Table(title="Seed scenario (locust; 100 users: GET list, POST, sleep 1 s)")
+    for col in ("", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors", "requests"):
+        table.add_column(col, justify="right")
+    for name, f in seed.per_endpoint.items():
+        err = f["failures"] / f["requests"] if f["requests"] else 0
+        table.add_row(
+            name,
+            f"{f['req_per_s']:,.0f}",
+            f"{f['p50_ms']:,.0f}",
+            f"{f['p95_ms']:,.0f}",
+            f"{f['p99_ms']:,.0f}",
+            f"{err:.3%}",
+            f"{f['requests']:,}",
+        )
+    table.add_row(
+        "all",
+        f"{seed.req_per_s:,.0f}",
+        f"{seed.p50_ms:,.0f}",
+        f"{seed.p95_ms:,.0f}",
+        f"{seed.p99_ms:,.0f}",
+        f"{seed.error_rate:.3%}",
+        f"{seed.requests:,}",
+    )
+    table.add_row(
+        "seed target",
+        f"{TARGETS['req_per_s']:,}",
+        f"{TARGETS['p50_ms']}",
+        f"{TARGETS['p95_ms']}",
+        f"{TARGETS['p99_ms']}",
+        f"< {TARGETS['error_rate']:.1%}",
+        "",
+    )
+    table.add_row(
+        "met",
+        "n/a (closed loop)",
+        _mark(seed.p50_ms <= TARGETS["p50_ms"]),
+        _mark(seed.p95_ms <= TARGETS["p95_ms"]),
+        _mark(seed.p99_ms <= TARGETS["p99_ms"]),
+        _mark(seed.error_rate < TARGETS["error_rate"]),
+        "",
+    )
+    console.print(table)
+
+
+def print_peak(web: str, cached: Ladder, bare: Ladder) -> dict[str, Any]:
+    table = Table(
+        title=f"Peak req/s, open loop, p99 ≤ {PEAK_P99_S * 1000:.0f} ms and errors"
+        f" < {ERROR_LIMIT:.1%} (gunicorn gthread {web})"
+    )
+    for col in (
+        "endpoint",
+        "peak req/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "errors",
+        "first failing step",
+    ):
+        table.add_column(col, justify="right")
+    for ladder in (cached, bare):
+        peak = ladder.peak
+        failing = next((s for s in ladder.steps if not s.passes(ladder.p99_limit_s)), None)
+        why = (
+            f"{failing.offered:,.0f} offered → {failing.achieved:,.0f}, "
+            f"p99 {_ms(failing.p99_s)} ms, {failing.error_rate:.2%} errors"
+            if failing
+            else "none (ladder ended)"
+        )
+        if peak is None:
+            table.add_row(ladder.label, "0", "—", "—", "—", "—", why)
+        else:
+            table.add_row(
+                ladder.label,
+                f"{peak.achieved:,.0f}",
+                _ms(peak.p50_s),
+                _ms(peak.p95_s),
+                _ms(peak.p99_s),
+                f"{peak.error_rate:.3%}",
+                why,
+            )
+    console.print(table)
+    c = cached.peak.achieved if cached.peak else 0.0
+    b = bare.peak.achieved if bare.peak else 0.0
+    ratio = c / b if b else 0.0
+    console.print(
+        f"cached GET peak {c:,.0f} req/s: ≥ {TARGETS['req_per_s']:,} "
+        f"{_mark(c >= TARGETS['req_per_s'])}; vs bare endpoint {ratio:.2f} "
+        f"(target ≥ {TARGET_PEAK_OVER_BARE}) {_mark(ratio >= TARGET_PEAK_OVER_BARE)}"
+    )
+    return {"cached_peak": c, "bare_peak": b, "ratio": round(ratio, 3)}
+
+
+def print_jobs(result: dict[str, Any]) -> dict[str, Any]:
+    canary = (result["canary_enqueue"] or {}).get("achieved", 0.0)
+    flower = (result["flower_enqueue"] or {}).get("achieved", 0.0)
+    enqueue_ratio = canary / flower if flower else 0.0
+    jobs_ratio = (
+        result["canary_jobs_per_s"] / result["raw_celery_per_s"]
+        if result["raw_celery_per_s"]
+        else 0.0
+    )
+    table = Table(title="Job path")
+    for col in ("measure", "Conveyor", "baseline", "ratio", "target"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        f"enqueue req/s at p99 ≤ {ENQUEUE_P99_S * 1000:.0f} ms",
+        f"{canary:,.0f} (POST /api/v1/canaries)",
+        f"{flower:,.0f} (Flower async-apply)",
+        f"{enqueue_ratio:.2f}",
+        f"≥ {TARGET_CANARY_OVER_FLOWER} {_mark(enqueue_ratio >= TARGET_CANARY_OVER_FLOWER)}",
+    )
+    table.add_row(
+        f"jobs/s submit → SUCCESS ({result['jobs']:,}, worker -c {result['worker_concurrency']})",
+        f"{result['canary_jobs_per_s']:,.0f} (canary jobs)",
+        f"{result['raw_celery_per_s']:,.0f} (raw Celery no-op)",
+        f"{jobs_ratio:.2f}",
+        f"≥ {TARGET_JOBS_OVER_RAW} {_mark(jobs_ratio >= TARGET_JOBS_OVER_RAW)}",
+    )
+    console.print(table)
+    return {"enqueue_ratio": round(enqueue_ratio, 3), "jobs_ratio": round(jobs_ratio, 3)}
+
+
+# --- entry points --------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quick", action="store_true", help="a tenth of the seed's ramp, shorter steps"
+    )
+    parser.add_argument(
+        "--web",
+        default=None,
+        help="gunicorn layouts WORKERSxTHREADS, comma-separated (default: the settings')",
+    )
+    parser.add_argument("--skip-seed", action="store_true")
+    parser.add_argument("--skip-peak", action="store_true")
+    parser.add_argument("--skip-jobs", action="store_true")
+
+
+def _missing_tools(args: argparse.Namespace) -> list[str]:
+    missing = [] if shutil.which("hey") else ["hey"]
+    if not args.skip_seed and not LOCUST.exists():
+        missing.append("locust")
+    return missing
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run the phases for each gunicorn layout and print the tables."""
+    missing = _missing_tools(args)
+    if missing:
+        raise SystemExit(f"missing {', '.join(missing)}: run `make bench-tools` first")
+    defaults = Settings()
+    layouts = [
+        x.strip() for x in (args.web or f"{defaults.web_workers}x{defaults.web_threads}").split(",")
+    ]
+    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    report: dict[str, Any] = {
+        "benchmark": "load",
+        "run": run_id,
+        "quick": args.quick,
+        "layouts": {},
+    }
+    with bench_services(CACHE_DIR) as services:
+        console.print(f"services: {services.origin}; {os.cpu_count()} CPUs")
+        for web in layouts:
+            log_dir = CACHE_DIR / "logs" / run_id / f"load-{web}"
+            log_dir.mkdir(parents=True, exist_ok=True)
+            console.print(f"\n[bold]gunicorn gthread {web}[/] (logs in {log_dir})")
+            entry: dict[str, Any] = {}
+            with stack(services, web, log_dir) as s:
+                if not args.skip_seed:
+                    console.print("  seed scenario (locust) ...")
+                    seed = run_seed(s, args.quick)
+                    print_seed(seed)
+                    entry["seed"] = asdict(seed)
+                if not args.skip_peak:
+                    seconds = 3 if args.quick else 6
+                    list_url = s.base + LIST_PATH
+                    hey_step(url=list_url, rate=200, seconds=2, headers=_auth(s))  # fill the caches
+                    cached = climb(
+                        "cached GET " + LIST_PATH,
+                        PEAK_RATES,
+                        seconds,
+                        PEAK_P99_S,
+                        url=list_url,
+                        headers=_auth(s),
+                    )
+                    bare = climb(
+                        "bare GET /healthz",
+                        PEAK_RATES,
+                        seconds,
+                        PEAK_P99_S,
+                        url=s.base + "/healthz",
+                    )
+                    entry["peak"] = print_peak(web, cached, bare) | {
+                        "cached_steps": [asdict(x) for x in cached.steps],
+                        "bare_steps": [asdict(x) for x in bare.steps],
+                    }
+                if not args.skip_jobs:
+                    console.print("  job path ...")
+                    jobs = run_jobs(s, args.quick)
+                    entry["jobs"] = jobs | print_jobs(jobs)
+            report["layouts"][web] = entry
+    out = CACHE_DIR / "load.json"
+    out.write_text(json.dumps(report, indent=2, default=str))
+    console.print(f"results: {out}")
