@@ -1003,16 +1003,22 @@ def token_list() -> None:
 @click.argument("id_or_prefix")
 def token_revoke(id_or_prefix: str) -> None:
     """Revoke a token by its id or its printed prefix."""
+    from shared.cache import TOKENS, Cache
     from shared.db import Database
     from shared.tokens import revoke_token
 
-    with _services(_load_settings(), postgres=True, redis=False) as settings:
+    with _services(_load_settings(), postgres=True, redis=True) as settings:
         database = Database(settings, pool_size=1, max_overflow=0)
         try:
             with database.session() as session:
                 count = revoke_token(session, id_or_prefix)
         finally:
             database.engine.dispose()
+        if count:
+            # Web processes remember valid tokens for a moment: make them all forget.
+            cache = Cache(settings)
+            cache.after_write([TOKENS])
+            cache.close()
     if count == 0:
         raise click.ClickException(f"no active token with id or prefix {id_or_prefix!r}")
     click.echo(f"revoked {count} token{'s' if count > 1 else ''}")

@@ -34,7 +34,7 @@ def make_engine(settings: Settings, **overrides: object) -> Engine:
         "max_overflow": settings.db_max_overflow,
         "pool_timeout": settings.db_pool_timeout_s,
         "pool_recycle": settings.db_pool_recycle_s,
-        "pool_pre_ping": True,
+        "pool_pre_ping": settings.db_pool_pre_ping,
         "connect_args": {
             # Bounded connect and statement time: a dead database answers 503, never hangs.
             "connect_timeout": 5,

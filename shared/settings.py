@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     db_max_overflow: int = 20
     db_pool_timeout_s: float = 10.0
     db_pool_recycle_s: int = 1800
+    db_pool_pre_ping: bool = True  # test a pooled connection before use (survives DB restarts)
     db_statement_timeout_ms: int = 30_000
 
     # Celery / jobs.
@@ -108,6 +109,23 @@ class Settings(BaseSettings):
     # own environment holds database passwords and secrets).
     deploy_command_env: list[str] = ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "KUBECONFIG"]
     deploy_stats_ttl_s: int = 60  # deployments:stats:* cache entries live this long
+
+    # Reads and caching (shared/cache.py; README "Features and test cases"). TTLs per data
+    # class: single rows change rarely and every write invalidates them exactly, so they
+    # may live an hour; a list page goes stale with any write to its table, so its TTL only
+    # bounds the memory of pages nobody asks for again. (The third class, deployment stats
+    # at 60 s, is deploy_stats_ttl_s above.)
+    cache_item_ttl_s: int = 3600  # feature:{id}, test_case:{id}
+    cache_list_ttl_s: int = 300  # features:list:*, test_cases:list:*
+    # In-process LRU (L1): entries live this long, and it is the longest a write waits for
+    # every web process to acknowledge its invalidation (see shared/cache.py).
+    cache_local_ttl_s: float = 1.0
+    cache_local_max_entries: int = 10_000
+    token_cache_max_entries: int = 10_000  # authenticated tokens remembered per process
+    cache_warm_top: int = 100  # the beat task loads this many most-read features into Redis
+    cache_warm_interval_s: float = 60.0
+    compress_min_bytes: int = 1000  # gzip responses of at least this size
+    compress_level: int = 6
 
     log_level: str = "INFO"
     log_json: bool = True

@@ -9,13 +9,14 @@ from flask import Flask
 
 from shared.logs import configure_logging
 from shared.settings import Settings, load_settings
-from web import canaries, deployments, environments, health, imports, jobs
+from web import canaries, deployments, environments, features, health, imports, jobs, test_cases
 from web.auth import check_api_protected
+from web.catalog import init_compression
 from web.errors import register_error_handlers
 from web.extension import init_conveyor
 from web.request_ids import init_request_ids
 
-# One blueprint per resource; features and test_cases join here.
+# One blueprint per resource.
 BLUEPRINTS = (
     health.bp,
     jobs.bp,
@@ -23,6 +24,8 @@ BLUEPRINTS = (
     imports.bp,
     environments.bp,
     deployments.bp,
+    features.bp,
+    test_cases.bp,
 )
 
 
@@ -35,6 +38,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     init_request_ids(app)
     register_error_handlers(app)
     register_blueprints(app)
+    init_compression(app, settings)
     check_api_protected(app)
     return app
 

@@ -3,7 +3,9 @@
 ``@requires(scope)`` authenticates the caller, checks the scope (admin ⊇ write ⊇ read)
 and leaves the principal on ``flask.g``. ``check_api_protected`` runs at startup and
 refuses an app with an ``/api/v1`` view that forgot the decorator. The token itself is
-never logged or stored; only its HMAC is looked up.
+never logged or stored; only its HMAC is looked up. A valid token's principal is
+remembered in process memory for ``cache_local_ttl_s`` (``shared.cache``, class
+``tokens``); ``conveyor token revoke`` invalidates it in every process before it answers.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from typing import ParamSpec, TypeVar
 
 from flask import Flask, g, request
 
+from shared.cache import TOKENS
 from shared.models import TokenScope
-from shared.tokens import Principal, authenticate
+from shared.tokens import Principal, authenticate, hash_token
 from web.errors import Forbidden, Unauthorized
 from web.extension import conveyor, db_session
 
@@ -48,12 +51,22 @@ def _authenticate_request() -> Principal:
         # RFC 6750 §3.1: no Bearer credentials presented, so no error code in the challenge.
         raise Unauthorized("the Authorization header must use the Bearer scheme")
     ext = conveyor()
-    session = db_session()
-    principal = authenticate(session, ext.token_pepper, token.strip())
-    # End the lookup's transaction now rather than holding it idle through the view.
-    session.rollback()
+    plain = token.strip()
+    # Remembered per process for a moment (shared.cache, class "tokens"): a revoke bumps
+    # the class's generation, so no process accepts a revoked token after it answers.
+    principal: Principal | None = ext.cache.remember(
+        TOKENS, hash_token(ext.token_pepper, plain), lambda: _lookup(ext.token_pepper, plain)
+    )
     if principal is None:
         raise Unauthorized("the bearer token is unknown or revoked", invalid_token=True)
+    return principal
+
+
+def _lookup(pepper: str, plain: str) -> Principal | None:
+    session = db_session()
+    principal = authenticate(session, pepper, plain)
+    # End the lookup's transaction now rather than holding it idle through the view.
+    session.rollback()
     return principal
 
 

@@ -15,6 +15,7 @@ from flask import Flask, current_app, g
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from shared.cache import Cache
 from shared.db import Database, make_engine
 from shared.queue import Publisher
 from shared.settings import Settings
@@ -35,9 +36,12 @@ class Conveyor:
     # Separate small pool and client for /readyz: a probe must not queue behind requests.
     probe_engine: Engine
     probe_redis: redis.Redis
+    # The read caches and their invalidation listener (shared/cache.py).
+    cache: Cache
 
     def close(self) -> None:
         """Release pooled connections (tests, and a clean shutdown)."""
+        self.cache.close()
         self.db.engine.dispose()
         self.probe_engine.dispose()
         self.probe_redis.close()
@@ -70,6 +74,7 @@ def init_conveyor(app: Flask, settings: Settings) -> Conveyor:
             socket_timeout=PROBE_TIMEOUT_S,
             socket_connect_timeout=PROBE_TIMEOUT_S,
         ),
+        cache=Cache(settings),
     )
     app.extensions[EXTENSION] = ext
     app.teardown_request(_close_session)

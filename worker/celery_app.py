@@ -15,6 +15,7 @@ from typing import Any
 
 from celery import Celery, signals
 
+from shared.cache import WARM_TASK
 from shared.logs import configure_logging
 from shared.queue import CLEANUP_TASK, REAP_TASK, make_celery
 from worker import runtime
@@ -30,6 +31,7 @@ app.conf.include = [
     "worker.imports",
     "worker.deployments",
     "worker.maintenance",
+    "worker.cache_warming",
 ]
 app.conf.beat_schedule = {
     "reap-stale-jobs": {"task": REAP_TASK, "schedule": runtime.settings().reaper_interval_s},
@@ -37,6 +39,7 @@ app.conf.beat_schedule = {
         "task": CLEANUP_TASK,
         "schedule": runtime.settings().cleanup_interval_s,
     },
+    "warm-cache": {"task": WARM_TASK, "schedule": runtime.settings().cache_warm_interval_s},
 }
 
 

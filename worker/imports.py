@@ -44,6 +44,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from shared import jobs, storage
+from shared.cache import invalidate_after_import
 from shared.importspec import CHUNK_ROWS, TARGETS
 from shared.models import ImportChunk, ImportRun, Upload
 from worker.readers import CsvReader, NdjsonReader, Record, excerpt
@@ -401,6 +402,8 @@ class ChunkWriter:
             with contextlib.suppress(psycopg2.Error):
                 cursor.execute("ROLLBACK")
             raise
+        # Cached pages of the target now miss these rows (no wait: the job's end waits).
+        invalidate_after_import(self.ctx.settings, self.target, wait=False)
         if self.fault:
             self.fault.maybe_crash("after_commit", frame.chunk)
         if self.counters.rejected > self.max_errors:
@@ -824,6 +827,8 @@ def run_import(ctx: JobContext) -> dict[str, Any]:
         update(ImportRun).where(ImportRun.job_id == job_id).values(finished_at=datetime.now(UTC))
     )
     session.commit()
+    # Before the job reads SUCCESS, every web process has dropped what it cached.
+    invalidate_after_import(ctx.settings, run.target, wait=True)
     session.refresh(run)
     result = summary(run, Counters.of(run))  # the committed totals, from the database
     log.info("import finished", extra={k: v for k, v in result.items() if k.startswith("rows")})
