@@ -65,16 +65,22 @@ def init_compression(app: Flask, settings: Settings) -> None:
     """gzip every response of at least ``compress_min_bytes`` when the client accepts it.
 
     Only gzip: every client has it, and at level 6 it costs little next to Flask itself.
-    Streamed responses (the import error CSV) are left alone.
+    Streamed responses (the import error CSV) are left exactly as they were, without the
+    ``Vary: Accept-Encoding`` that flask-compress adds to everything it looks at.
     """
     app.config.update(
         COMPRESS_ALGORITHM=["gzip"],
         COMPRESS_MIN_SIZE=settings.compress_min_bytes,
         COMPRESS_LEVEL=settings.compress_level,
         COMPRESS_STREAMS=False,
-        COMPRESS_MIMETYPES=["application/json", "application/problem+json", "text/csv"],
+        COMPRESS_MIMETYPES=["application/json", "application/problem+json"],
+        COMPRESS_REGISTER=False,
     )
-    Compress(app)
+    compress = Compress(app)
+
+    @app.after_request
+    def _compress(response: Response) -> Response:
+        return response if response.is_streamed else compress.after_request(response)
 
 
 def base_url() -> str:
