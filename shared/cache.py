@@ -456,7 +456,7 @@ class _Listener(threading.Thread):
             try:
                 self._listen()
                 backoff = self.interval
-            except (redis.RedisError, OSError, ValueError):
+            except (redis.RedisError, OSError, ValueError, KeyError, TypeError):
                 self.cache._contact = float("-inf")
                 log.warning("cache listener lost Redis; L1 is off until it is back", exc_info=True)
                 self.stopping.wait(backoff)
