@@ -2,9 +2,9 @@
 
 ``conveyor run`` is a small process supervisor for one machine: it starts the embedded
 PostgreSQL and Redis when ``DATABASE_URL``/``REDIS_URL`` are unset, migrates, makes the
-first admin token, then runs web (gunicorn), a worker, beat and Flower as children and
-restarts any that dies. ``conveyor web|worker|beat|flower`` run one of them in the
-foreground (exec), for compose files and process managers.
+first admin token, then runs web (gunicorn), a worker, beat, Flower and the Prometheus
+exporter as children and restarts any that dies. ``conveyor web|worker|beat|flower|exporter``
+run one of them in the foreground (exec), for compose files and process managers.
 
 This module never imports ``web`` or ``worker``: they are started as processes, the way a
 process manager would, and everything heavier than click is imported inside the command
@@ -21,6 +21,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -57,8 +58,8 @@ STABLE_AFTER_S = 60.0
 # How long each child gets between SIGTERM and SIGKILL. gunicorn drains requests (its own
 # --graceful-timeout is shorter); a Celery worker finishes running tasks (warm shutdown),
 # and a task cut short is redelivered anyway (acks_late), so the wait is bounded.
-STOP_TIMEOUT_S = {"web": 15.0, "flower": 5.0, "beat": 5.0, "worker": 25.0}
-STOP_ORDER = ("web", "flower", "beat", "worker")
+STOP_TIMEOUT_S = {"web": 15.0, "flower": 5.0, "beat": 5.0, "worker": 25.0, "exporter": 5.0}
+STOP_ORDER = ("web", "flower", "beat", "worker", "exporter")
 # Flower forgets a worker that has been offline this long (a scaled-down or renamed one).
 FLOWER_PURGE_OFFLINE_S = "600"
 
@@ -249,6 +250,9 @@ def web_command(
         "--no-control-socket",
         "--logger-class",
         "web.gunicorn_logging.JsonLogger",
+        # Server hooks for prometheus-client's multiprocess mode (web/metrics.py).
+        "--config",
+        "python:web.metrics",
         *extra,
     ]
 
@@ -312,6 +316,11 @@ def flower_command(settings: Settings, *, extra: Sequence[str] = ()) -> list[str
         f"--port={settings.flower_port}",
         *extra,
     ]
+
+
+def exporter_command(settings: Settings, *, extra: Sequence[str] = ()) -> list[str]:
+    """The Prometheus exporter (Celery events, queue lengths, workers' figures)."""
+    return [sys.executable, "-m", "worker.exporter", *extra]
 
 
 def flower_env(settings: Settings, env: dict[str, str]) -> dict[str, str]:
@@ -660,6 +669,8 @@ def _print_banner(
     table.add_row("API", f"{api}   (/healthz, /readyz)")
     table.add_row("Flower", f"{flower}   (user {settings.flower_user})")
     table.add_row("Flower password", password_from)
+    exporter = f"http://{_bind(local(settings.exporter_host), settings.exporter_port)}/metrics"
+    table.add_row("Metrics", f"{api}/metrics, {exporter}")
     table.add_row("Admin token", f"{settings.admin_token_path}   ({token_note})")
     for name, url, is_embedded in (
         ("PostgreSQL", settings.database_url, embedded["postgres"]),
@@ -811,7 +822,7 @@ def main() -> None:
 
 @main.command()
 def run() -> None:
-    """Run everything on this machine: services, web, worker, beat and Flower.
+    """Run everything on this machine: services, web, worker, beat, Flower and the exporter.
 
     Starts embedded PostgreSQL/Redis for whichever of DATABASE_URL/REDIS_URL is unset,
     migrates the database, creates the first admin token, then supervises the processes
@@ -827,6 +838,9 @@ def run() -> None:
     console = Console()
     _check_port_free(settings.web_host, settings.web_port, "web", "CONVEYOR_WEB_PORT")
     _check_port_free(settings.flower_host, settings.flower_port, "Flower", "CONVEYOR_FLOWER_PORT")
+    _check_port_free(
+        settings.exporter_host, settings.exporter_port, "exporter", "CONVEYOR_EXPORTER_PORT"
+    )
     embedded = {"postgres": not settings.database_url, "redis": not settings.redis_url}
     servers: list[Any] = []
     try:
@@ -840,6 +854,9 @@ def run() -> None:
                 console.print(f"Embedded services are up (data in {settings.state_dir}).")
             upgrade(resolved.database_url)
             token_state = _ensure_admin_token(resolved)
+            # Figures of a previous run must not add up with this one's (web and worker
+            # write prometheus-client multiprocess files here).
+            shutil.rmtree(resolved.metrics_path, ignore_errors=True)
             env = resolved.child_env()
             supervisor = Supervisor(
                 [
@@ -847,6 +864,7 @@ def run() -> None:
                     Child("beat", beat_command(resolved), env),
                     Child("web", web_command(resolved), env),
                     Child("flower", flower_command(resolved), flower_env(resolved, env)),
+                    Child("exporter", exporter_command(resolved), env),
                 ],
                 servers=[ServerWatch(server) for server in servers],
             )
@@ -904,6 +922,14 @@ def flower(extra: tuple[str, ...]) -> None:
     """Run Flower behind basic auth (in the foreground). EXTRA goes to Flower."""
     settings = _require_urls(_load_settings(), postgres=False, redis=True, what="flower")
     _exec(flower_command(settings, extra=extra), flower_env(settings, _env(settings)))
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED)
+def exporter(extra: tuple[str, ...]) -> None:
+    """Serve Prometheus figures on :9808 (Celery events, queues, workers). Run exactly one."""
+    settings = _require_urls(_load_settings(), postgres=True, redis=True, what="exporter")
+    _exec(exporter_command(settings, extra=extra), _env(settings))
 
 
 def _env(settings: Settings) -> dict[str, str]:
@@ -1030,6 +1056,22 @@ _url_option = click.option(
 _token_option = click.option("--token", help="API token (default: the admin token file).")
 
 
+def _echo_pipeline(ready: Any) -> None:
+    """Workers and queue depths from a /readyz answer."""
+    if not isinstance(ready, dict):
+        return
+    workers = ready.get("workers")
+    if isinstance(workers, dict):
+        hosts = workers.get("hosts") or {}
+        names = ", ".join(f"{h} ({'up' if up else 'silent'})" for h, up in hosts.items())
+        click.echo(f"workers: {workers.get('up', 0)} up" + (f": {names}" if names else ""))
+    elif workers is not None:
+        click.echo(f"workers: {workers}")
+    queues = ready.get("queues")
+    if isinstance(queues, dict):
+        click.echo("queues: " + ", ".join(f"{q} {n}" for q, n in queues.items()))
+
+
 @main.command()
 @_url_option
 @_token_option
@@ -1042,6 +1084,7 @@ def check(url: str | None, token: str | None, timeout: float) -> None:
     click.echo(f"readyz: {status}")
     if status != 200:
         raise click.ClickException(f"not ready: {_problem(status, body)}")
+    _echo_pipeline(body)
     started = time.monotonic()
     status, headers, body = _http("POST", f"{base}/api/v1/canaries", plain, body={})
     if status != 202:

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared import metrics
 from shared.settings import Settings
 
 
@@ -52,6 +53,8 @@ class Database:
     def __init__(self, settings: Settings, **engine_overrides: object) -> None:
         self.settings = settings
         self.engine = make_engine(settings, **engine_overrides)
+        if settings.metrics_enabled:
+            metrics.instrument_pool(self.engine)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager

@@ -7,12 +7,16 @@ so they are explicit and stable. Web never imports ``worker``: it publishes by n
 from __future__ import annotations
 
 import contextlib
+import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from celery import Celery
 from kombu.entity import Queue
 from kombu.exceptions import ChannelError
+from kombu.transport.redis import PRIORITY_STEPS, Channel
 
 from shared.settings import Settings
 
@@ -150,3 +154,69 @@ class Publisher:
         # Revocation is advisory; the row already says REVOKED or cancel_requested.
         with contextlib.suppress(Exception):
             self.app.control.revoke(job_id)
+
+
+# --- broker figures read straight from Redis (readyz, the exporter) -----------------------
+
+# Worker host name → time of its last heartbeat, written by each worker's main process
+# (``worker.celery_app``) so a probe can tell live workers without an event receiver.
+WORKERS_KEY = "conveyor:workers"
+# kombu's Redis transport: the hash of delivered, unacknowledged messages.
+UNACKED_KEY = Channel.unacked_key
+
+
+def priority_lists(queue: str) -> list[str]:
+    """The Redis lists holding ``queue``: one per kombu priority step.
+
+    The default priority's list is the queue's own name; the others are
+    ``queue<sep><step>`` (``sep`` is ``"\\x06\\x16"``), as kombu's ``_q_for_pri`` names them.
+    """
+    return [f"{queue}{Channel.sep}{step}" if step else queue for step in PRIORITY_STEPS]
+
+
+def queue_depths(client: redis.Redis, queues: tuple[str, ...] = QUEUES) -> dict[str, int]:
+    """Messages waiting per queue, every priority list summed, read in one transaction."""
+    pipe = client.pipeline(transaction=True)
+    for queue in queues:
+        for name in priority_lists(queue):
+            pipe.llen(name)
+    lengths = iter(pipe.execute())
+    return {queue: sum(next(lengths) for _ in PRIORITY_STEPS) for queue in queues}
+
+
+def reserved_counts(client: redis.Redis, queues: tuple[str, ...] = QUEUES) -> dict[str, int]:
+    """Messages delivered to a worker and not yet acknowledged, per queue."""
+    counts = dict.fromkeys(queues, 0)
+    for raw in client.hvals(UNACKED_KEY):
+        try:
+            _payload, _exchange, routing_key = json.loads(raw)
+        except (ValueError, TypeError):  # not kombu's shape: not ours to count
+            continue
+        if routing_key in counts:
+            counts[routing_key] += 1
+    return counts
+
+
+def record_heartbeat(client: redis.Redis, hostname: str) -> None:
+    client.hset(WORKERS_KEY, hostname, f"{time.time():.3f}")
+
+
+def forget_worker(client: redis.Redis, hostname: str) -> None:
+    client.hdel(WORKERS_KEY, hostname)
+
+
+def worker_heartbeats(client: redis.Redis, timeout_s: float) -> dict[str, bool]:
+    """Known workers → whether their last heartbeat is within ``timeout_s``.
+
+    Workers silent for a hundred timeouts (scaled down, renamed) are forgotten.
+    """
+    now = time.time()
+    seen: dict[str, bool] = {}
+    raw: dict[bytes, bytes] = client.hgetall(WORKERS_KEY)  # type: ignore[assignment]
+    for host, stamp in raw.items():
+        age = now - float(stamp)
+        if age > 100 * timeout_s:
+            client.hdel(WORKERS_KEY, host)
+            continue
+        seen[host.decode()] = age <= timeout_s
+    return seen

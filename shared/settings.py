@@ -130,6 +130,27 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = True
 
+    # Observability (shared/metrics.py, worker/exporter.py, shared/tracing.py; README
+    # "Observability"). Off: no figures are recorded and /metrics answers 404 (the bench
+    # compares the enqueue path both ways).
+    metrics_enabled: bool = True
+    metrics_dir: Path | None = None  # multiprocess files; default: state_dir/metrics
+    # Set: every metrics endpoint asks for "Authorization: Bearer <token>". Unset: web
+    # answers /metrics to loopback clients only and the exporter must listen on loopback.
+    metrics_token: SecretStr | None = None
+    exporter_host: str = "127.0.0.1"
+    exporter_port: int = 9808  # celery-exporter's port, so scrape configs carry over
+    # A worker whose last heartbeat (every 2 s) is older than this counts as down.
+    worker_heartbeat_timeout_s: float = 10.0
+    # Tracing is opt-in: set, OpenTelemetry instruments Flask, SQLAlchemy and Celery.
+    otel_exporter_otlp_endpoint: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "OTEL_EXPORTER_OTLP_ENDPOINT", "CONVEYOR_OTEL_EXPORTER_OTLP_ENDPOINT"
+        ),
+    )
+    otel_service_name: str = "conveyor"
+
     @model_validator(mode="after")
     def _secrets_outside_development(self) -> Settings:
         if self.env == "production":
@@ -142,6 +163,10 @@ class Settings(BaseSettings):
                 if value is not None and len(value.get_secret_value()) < 16:
                     raise ValueError(f"CONVEYOR_{name.upper()} must be at least 16 characters")
         return self
+
+    @property
+    def metrics_path(self) -> Path:
+        return (self.metrics_dir or self.state_dir / "metrics").resolve()
 
     @property
     def admin_token_path(self) -> Path:

@@ -9,11 +9,13 @@ from flask import Flask
 
 from shared.logs import configure_logging
 from shared.settings import Settings, load_settings
+from shared.tracing import init_tracing, instrument_flask
 from web import canaries, deployments, environments, features, health, imports, jobs, test_cases
 from web.auth import check_api_protected
 from web.catalog import init_compression
 from web.errors import register_error_handlers
 from web.extension import init_conveyor
+from web.metrics import init_metrics
 from web.request_ids import init_request_ids
 
 # One blueprint per resource.
@@ -34,11 +36,16 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or load_settings()
     configure_logging(settings, "web")
     app = Flask(__name__)
+    # Before the engines exist: SQLAlchemy is instrumented as engines are created.
+    tracer_provider = init_tracing(settings, "web")
     init_conveyor(app, settings)
     init_request_ids(app)
     register_error_handlers(app)
     register_blueprints(app)
     init_compression(app, settings)
+    init_metrics(app, settings)
+    if tracer_provider is not None:
+        instrument_flask(app, tracer_provider)
     check_api_protected(app)
     return app
 

@@ -2,7 +2,9 @@
 
 ``/healthz`` says the process answers. ``/readyz`` says it can do its work: PostgreSQL and
 Redis both reachable, each probed through its own small pool with a short timeout, so a
-probe neither waits behind busy requests nor hangs on a dead dependency.
+probe neither waits behind busy requests nor hangs on a dead dependency. It also reports
+the pipeline: workers whose heartbeat is recent, and messages waiting per queue. Those are
+information, not readiness: web accepts jobs with no worker up (they wait in the queue).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify
 from sqlalchemy import text
 
+from shared.queue import queue_depths, worker_heartbeats
 from web.errors import ServiceUnavailable, problem_response
 from web.extension import conveyor
 
@@ -42,6 +45,20 @@ def _check_redis() -> str:
     return OK
 
 
+def _pipeline() -> dict[str, object]:
+    """Workers (live or not) and queue depths, or why they could not be read."""
+    ext = conveyor()
+    try:
+        seen = worker_heartbeats(ext.probe_redis, ext.settings.worker_heartbeat_timeout_s)
+        depths = queue_depths(ext.probe_redis)
+    except Exception as exc:  # as above: reported, never raised
+        return {"workers": _down(exc)}
+    return {
+        "workers": {"up": sum(seen.values()), "hosts": dict(sorted(seen.items()))},
+        "queues": depths,
+    }
+
+
 @bp.get("/healthz")
 def healthz() -> Response:
     """The process is alive."""
@@ -65,6 +82,6 @@ def readyz() -> Response:
             checks=checks,
         )
     else:
-        response = jsonify({"status": OK, "checks": checks})
+        response = jsonify({"status": OK, "checks": checks, **_pipeline()})
     response.headers["Cache-Control"] = "no-store"
     return response

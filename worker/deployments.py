@@ -29,7 +29,7 @@ import redis
 from celery import Task
 from sqlalchemy import select, update
 
-from shared import jobs
+from shared import jobs, metrics
 from shared.deployments import (
     STEPS,
     add_event,
@@ -176,6 +176,7 @@ class Deployer:
         self.session.commit()
         self.ctx.partial_result = self.summary()
         log.info("deployment ended", extra={"outcome": outcome})
+        metrics.DEPLOYMENTS.labels(self.environment.name, outcome).inc()
         after_release(next_job, {self.environment.name})
 
     # --- the delivery ----------------------------------------------------------------

@@ -43,7 +43,7 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from shared import jobs, storage
+from shared import jobs, metrics, storage
 from shared.cache import invalidate_after_import
 from shared.importspec import CHUNK_ROWS, TARGETS
 from shared.models import ImportChunk, ImportRun, Upload
@@ -831,6 +831,7 @@ def run_import(ctx: JobContext) -> dict[str, Any]:
     invalidate_after_import(ctx.settings, run.target, wait=True)
     session.refresh(run)
     result = summary(run, Counters.of(run))  # the committed totals, from the database
+    metrics.record_import_rows(run.target, result)
     log.info("import finished", extra={k: v for k, v in result.items() if k.startswith("rows")})
     return result
 

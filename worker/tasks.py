@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import psutil
@@ -22,7 +23,7 @@ from celery import Task
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared import jobs
+from shared import jobs, metrics
 from shared.logs import bind_context
 from shared.models import Job, JobState
 from shared.settings import Settings
@@ -89,6 +90,13 @@ def _dead_local_holder(session: Session, job_id: uuid.UUID) -> list[str]:
     return [holder]
 
 
+def _record_end(job: Job, state: JobState) -> None:
+    """The job's duration from its first start, by outcome (success, failure, revoked)."""
+    if job.started_at is not None:
+        seconds = (datetime.now(UTC) - job.started_at).total_seconds()
+        metrics.JOB_DURATION.labels(job.kind, state.value.lower()).observe(max(0.0, seconds))
+
+
 def execute_job(task: Task, job_id: str, body: Callable[[JobContext], dict[str, Any]]) -> None:
     """Run ``body`` for the job under a lease and record how it ended.
 
@@ -116,6 +124,11 @@ def execute_job(task: Task, job_id: str, body: Callable[[JobContext], dict[str, 
                 return
             job = session.get_one(Job, key)
             log.info("job started", extra={"kind": job.kind, "attempt": lease.attempt})
+            if lease.attempt == 1 and job.started_at is not None:
+                enqueued = job.published_at or job.created_at
+                metrics.JOB_QUEUE_WAIT.labels(job.kind).observe(
+                    max(0.0, (job.started_at - enqueued).total_seconds())
+                )
             ctx = JobContext(session, lease, job, settings, time.monotonic())
             try:
                 result = body(ctx)
@@ -128,6 +141,7 @@ def execute_job(task: Task, job_id: str, body: Callable[[JobContext], dict[str, 
                     result=ctx.partial_result,
                     error={"code": "cancelled", "message": "cancelled while running"},
                 )
+                _record_end(job, JobState.REVOKED)
                 log.info("job cancelled")
                 return
             except jobs.JobWaiting as exc:
@@ -153,6 +167,7 @@ def execute_job(task: Task, job_id: str, body: Callable[[JobContext], dict[str, 
                     result=ctx.partial_result,
                     error={"code": exc.code, "message": exc.message},
                 )
+                _record_end(job, JobState.FAILURE)
                 log.warning("job failed", extra={"code": exc.code})
                 return
             except Exception as exc:
@@ -164,7 +179,9 @@ def execute_job(task: Task, job_id: str, body: Callable[[JobContext], dict[str, 
                     result=ctx.partial_result,
                     error={"code": "task_error", "message": f"{type(exc).__name__}: {exc}"[:500]},
                 )
+                _record_end(job, JobState.FAILURE)
                 log.exception("job failed")
                 raise
             jobs.finish(session, lease, JobState.SUCCESS, result=result)
+            _record_end(job, JobState.SUCCESS)
             log.info("job succeeded")

@@ -21,7 +21,12 @@ def test_healthz_is_ok(client: FlaskClient) -> None:
 def test_readyz_is_ok_with_both_services(client: FlaskClient) -> None:
     response = client.get("/readyz")
     assert response.status_code == 200
-    assert response.get_json() == {"status": "ok", "checks": {"postgres": "ok", "redis": "ok"}}
+    body = response.get_json()
+    assert body["status"] == "ok"
+    assert body["checks"] == {"postgres": "ok", "redis": "ok"}
+    # The pipeline, as information: no worker runs in this test, nothing waits.
+    assert body["workers"] == {"up": 0, "hosts": {}}
+    assert body["queues"] == {"default": 0, "imports": 0, "deployments": 0}
 
 
 def test_readyz_names_a_dead_redis(dead_redis_app: Flask) -> None:
