@@ -16,9 +16,10 @@ PYTHON ?= $(shell for p in python3.11 python3.12 python3.13 python3; do \
 T ?=
 # Placeholders so `docker-compose config` can render the file; it only validates.
 COMPOSE_LINT_ENV := CONVEYOR_TOKEN_PEPPER=lint-placeholder-000000 \
-	CONVEYOR_FLOWER_PASSWORD=lint-placeholder-000000 POSTGRES_PASSWORD=lint-placeholder
+	CONVEYOR_FLOWER_PASSWORD=lint-placeholder-000000 POSTGRES_PASSWORD=lint-placeholder \
+	CONVEYOR_METRICS_TOKEN=lint-placeholder-000000
 
-.PHONY: help run test lint bench bench-import bench-load bench-tools clean compose-tool
+.PHONY: help run test lint bench bench-import bench-load bench-tools clean compose-tool prometheus-tool
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -35,13 +36,20 @@ $(STAMP): pyproject.toml | $(BIN)/python
 run: $(STAMP) ## start everything on this machine (API :8000, Flower :5555, embedded services)
 	$(BIN)/conveyor run
 
-test: $(STAMP) compose-tool ## run the tests; T=tests/web runs a subset
+test: $(STAMP) compose-tool prometheus-tool ## run the tests; T=tests/web runs a subset
 	$(BIN)/pytest $(T)
 
-lint: $(STAMP) compose-tool ## ruff, ruff format --check, mypy --strict, docker-compose config
+lint: $(STAMP) compose-tool prometheus-tool ## ruff, mypy --strict, docker-compose config, promtool
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	@if command -v promtool >/dev/null; then \
+		set -e; \
+		echo "promtool check config/rules, test rules (deploy/)"; \
+		promtool check config --syntax-only deploy/prometheus.yml; \
+		promtool check rules deploy/alerts.yml; \
+		promtool test rules deploy/alerts_test.yml; \
+	fi
 	@if command -v docker-compose >/dev/null; then \
 		echo "docker-compose config -q"; \
 		$(COMPOSE_LINT_ENV) docker-compose config -q; \
@@ -54,6 +62,17 @@ compose-tool:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; \
 		else \
 			echo "docker-compose is missing and this is not root: its checks are skipped"; \
+		fi; \
+	fi
+
+# Debian's prometheus package brings promtool (lint: config, rules, alert unit tests) and
+# the server the end-to-end metrics test scrapes with.
+prometheus-tool:
+	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+		else \
+			echo "prometheus/promtool are missing and this is not root: their checks are skipped"; \
 		fi; \
 	fi
 

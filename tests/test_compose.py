@@ -14,6 +14,7 @@ ENV = {
     "CONVEYOR_TOKEN_PEPPER": "compose-test-pepper-000",
     "CONVEYOR_FLOWER_PASSWORD": "compose-test-password-0",
     "POSTGRES_PASSWORD": "composetest",
+    "CONVEYOR_METRICS_TOKEN": "compose-test-metrics-00",
 }
 
 
@@ -44,9 +45,13 @@ def test_compose_file_validates_with_every_service(compose: str) -> None:
         "worker",
         "beat",
         "flower",
+        "exporter",
+        "prometheus",
+        "grafana",
     }
     rendered = _config(compose).stdout
-    for command in ("conveyor web", "conveyor worker", "conveyor beat", "conveyor flower"):
+    commands = ("web", "worker", "beat", "flower", "exporter")
+    for command in (f"conveyor {name}" for name in commands):
         assert command in rendered.replace("\n    - ", " ").replace("- ", "")
 
 
