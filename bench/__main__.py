@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from types import ModuleType
 
-from bench import imports, load
+from bench import imports, load, metrics_cost
 
 # name → a module with ``add_arguments(parser)`` and ``run(args)``; its docstring's first
 # line is the help.
-BENCHMARKS: dict[str, ModuleType] = {"import": imports, "load": load}
+BENCHMARKS: dict[str, ModuleType] = {"import": imports, "load": load, "metrics": metrics_cost}
 
 
 def main(argv: list[str] | None = None) -> None:
