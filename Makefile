@@ -85,16 +85,16 @@ bench-import: $(STAMP) ## import benchmark: psql COPY vs ORM vs Conveyor; ARGS="
 bench-load: $(STAMP) bench-tools ## the seed's load scenario, cached GET peak, job path; ARGS="--quick"
 	$(BIN)/python -m bench load $(ARGS)
 
-# Load generators are tools, not dependencies: hey from Debian, locust in a venv of its own
+# Load generators are tools, not dependencies: wrk and hey from Debian, locust in a venv of its own
 # (it brings gevent and its own Flask, which must not meet the project's).
 BENCH_TOOLS := .conveyor/bench/tools
 LOCUST_VERSION := 2.47.0
 bench-tools: | $(BIN)/python
-	@if ! command -v hey >/dev/null; then \
+	@if ! command -v hey >/dev/null || ! command -v wrk >/dev/null; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey >/dev/null; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey wrk >/dev/null; \
 		else \
-			echo "hey is missing (Debian package hey): the load benchmark cannot run" >&2; \
+			echo "hey or wrk is missing (Debian packages): the load benchmark cannot run" >&2; \
 		fi; \
 	fi
 	@if ! $(BENCH_TOOLS)/bin/locust --version 2>/dev/null | grep -q "$(LOCUST_VERSION)"; then \

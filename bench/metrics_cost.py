@@ -24,7 +24,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from bench.load import CACHE_DIR, Step, hey_step
+from bench.load import CACHE_DIR, Step, rate_step
 from bench.processes import Child, child_env, free_port, wait_http_ok
 from bench.services import BenchServices, bench_services
 from shared.cli import web_command
@@ -61,8 +61,8 @@ def _saturate(services: BenchServices, metrics_on: bool, seconds: float, log: Pa
         wait_http_ok(base + "/readyz", web)
         headers = {"Authorization": f"Bearer {token}"}
         url = base + "/api/v1/canaries"
-        hey_step(url=url, rate=200, seconds=2, method="POST", headers=headers, body="{}")  # warm
-        return hey_step(
+        rate_step(url=url, rate=200, seconds=2, method="POST", headers=headers, body="{}")  # warm
+        return rate_step(
             url=url, rate=OVERLOAD_RATE, seconds=seconds, method="POST", headers=headers, body="{}"
         )
     finally:
