@@ -141,7 +141,8 @@ def rate_step(
     connections = closed or max(4, min(1000, math.ceil(rate / 5)))
     interval_ms = 0 if closed else max(1, round(1000 * connections / rate))
     threads = str(min(2, connections))
-    argv = ["wrk", "-t", threads, "-c", str(connections), "-d", f"{seconds}s", "--timeout", "10s"]
+    duration = f"{max(1, round(seconds))}s"  # wrk takes whole seconds only
+    argv = ["wrk", "-t", threads, "-c", str(connections), "-d", duration, "--timeout", "10s"]
     for name, value in (headers or {}).items():
         argv += ["-H", f"{name}: {value}"]
     if basic_auth:
