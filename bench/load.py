@@ -460,6 +460,7 @@ def run_canary_jobs(s: Stack, n: int) -> float:
     with s.engine.begin() as conn:
         conn.execute(text("DELETE FROM jobs WHERE kind = 'canary'"))
     auth = f"Authorization: Bearer {s.token}"
+    n -= n % 32  # hey sends n // c requests per connection: a multiple of c is sent whole
     argv = ["hey", "-n", str(n), "-c", "32", "-m", "POST", "-T", "application/json", "-d", "{}"]
     out = subprocess.run(
         [*argv, "-H", auth, s.base + "/api/v1/canaries"],
@@ -561,7 +562,7 @@ def run_jobs(s: Stack, quick: bool) -> dict[str, Any]:
         )
     )
     wait_log(worker, b" ready.")
-    n = 500 if quick else 2000
+    n = 512 if quick else 2048  # multiples of the 32 submitting connections
     console.print(f"  {n} jobs: raw Celery no-op ...", end=" ")
     raw = run_raw_celery(s, n)
     console.print(f"{raw:,.0f}/s; canaries ...", end=" ")
