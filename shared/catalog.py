@@ -16,6 +16,7 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from shared.models import Feature, TestCase
+from shared.pages import page_body
 
 FEATURES_PATH = "/api/v1/features"
 TEST_CASES_PATH = "/api/v1/test-cases"
@@ -85,17 +86,7 @@ def _page(
     def page_link(number: int) -> str:
         return path + "?" + urlencode({**filters, "page": number, "page_size": page_size})
 
-    return {
-        "items": items,
-        "page": page,
-        "page_size": page_size,
-        "total": total,
-        "links": {
-            "self": page_link(page),
-            "next": page_link(page + 1) if page * page_size < total else None,
-            "prev": page_link(page - 1) if page > 1 else None,
-        },
-    }
+    return page_body(items, page, page_size, total, page_link)
 
 
 def features_query(status: str | None) -> Any:

@@ -42,6 +42,7 @@ from shared.models import (
     Job,
     TokenScope,
 )
+from shared.pages import page_body
 from web.auth import current_principal, requires
 from web.errors import BadRequest, NotFound, Unprocessable
 from web.extension import conveyor, db_session
@@ -307,17 +308,7 @@ def list_deployments() -> Response:
     def page_link(page: int) -> str:
         return link("deployments.list_deployments", **filters, page=page, page_size=q.page_size)
 
-    body = {
-        "items": [deployment_body(row) for row in rows],
-        "page": q.page,
-        "page_size": q.page_size,
-        "total": total,
-        "links": {
-            "self": page_link(q.page),
-            "next": page_link(q.page + 1) if q.page * q.page_size < total else None,
-            "prev": page_link(q.page - 1) if q.page > 1 else None,
-        },
-    }
+    body = page_body([deployment_body(row) for row in rows], q.page, q.page_size, total, page_link)
     return _no_store(body)
 
 

@@ -36,6 +36,7 @@ from werkzeug.sansio.multipart import Field as FormField
 from shared import jobs, storage
 from shared.importspec import FORMATS, TARGETS
 from shared.models import ImportError_, ImportRun, Job, TokenScope, Upload
+from shared.pages import page_body
 from web.auth import current_principal, requires, visible_owner
 from web.errors import BadRequest, NotFound, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 from web.extension import conveyor, db_session
@@ -645,21 +646,11 @@ def list_errors(job_id: str) -> Response:
     def page_link(page: int) -> str:
         return link("imports.list_errors", job_id=str(job.id), page=page, page_size=q.page_size)
 
-    body = {
-        "items": [
-            {"line": e.line, "column": e.column, "reason": e.reason, "excerpt": e.excerpt}
-            for e in rows
-        ],
-        "page": q.page,
-        "page_size": q.page_size,
-        "total": total,
-        "links": {
-            "self": page_link(q.page),
-            "next": page_link(q.page + 1) if q.page * q.page_size < total else None,
-            "prev": page_link(q.page - 1) if q.page > 1 else None,
-            "import": import_url(job.id),
-        },
-    }
+    items = [
+        {"line": e.line, "column": e.column, "reason": e.reason, "excerpt": e.excerpt} for e in rows
+    ]
+    body = page_body(items, q.page, q.page_size, total, page_link)
+    body["links"]["import"] = import_url(job.id)
     response = jsonify(body)
     response.headers["Vary"] = "Accept"
     return _no_store(response)

@@ -16,6 +16,7 @@ from sqlalchemy import ColumnElement, func, select
 
 from shared import jobs
 from shared.models import Job, JobState, TokenScope
+from shared.pages import page_body
 from shared.queue import KINDS
 from web.auth import current_principal, requires, visible_owner
 from web.errors import BadRequest, Conflict, NotFound
@@ -140,17 +141,7 @@ def list_jobs() -> Response:
     def page_link(page: int) -> str:
         return link("jobs.list_jobs", **filters, page=page, page_size=q.page_size)
 
-    body = {
-        "items": [job_body(job) for job in rows],
-        "page": q.page,
-        "page_size": q.page_size,
-        "total": total,
-        "links": {
-            "self": page_link(q.page),
-            "next": page_link(q.page + 1) if q.page * q.page_size < total else None,
-            "prev": page_link(q.page - 1) if q.page > 1 else None,
-        },
-    }
+    body = page_body([job_body(job) for job in rows], q.page, q.page_size, total, page_link)
     return _no_store(jsonify(body))
 
 
