@@ -133,7 +133,8 @@ def submit(
     stmt = insert(Job).values(**values)
     if idempotency_key is not None:
         stmt = stmt.on_conflict_do_nothing(constraint="uq_jobs_owner_idempotency_key")
-    inserted = session.execute(stmt.returning(Job.id)).scalar_one_or_none()
+    # RETURNING the whole row: the new Job comes back loaded, no SELECT after the commit.
+    inserted = session.scalars(stmt.returning(Job)).one_or_none()
     if inserted is not None and on_insert is not None:
         # Rows that belong to the job (an import's file and checkpoint) commit with it,
         # before any worker can see the message.
@@ -153,7 +154,8 @@ def submit(
         if job.published_at is not None or job.state != JobState.PENDING:
             return Submitted(job, created=False, published=True)
     else:
-        job = session.get_one(Job, job_id)
+        assert inserted is not None
+        job = inserted
     publish_job(session, publisher, job, headers=headers)
     return Submitted(job, created=created, published=True)
 
@@ -163,13 +165,15 @@ def publish_job(
 ) -> None:
     """Publish ``job``'s task and record when; PublishError leaves the row for the reaper."""
     publisher.publish(job.kind, str(job.id), headers=headers)
-    session.execute(
+    # RETURNING with populate_existing refreshes ``job`` itself: no SELECT after the commit.
+    session.scalars(
         update(Job)
         .where(Job.id == job.id)
         .values(published_at=func.clock_timestamp(), publish_count=Job.publish_count + 1)
-    )
+        .returning(Job),
+        execution_options={"populate_existing": True},
+    ).one()
     session.commit()
-    session.refresh(job)
 
 
 def get_job(session: Session, job_id: uuid.UUID, owner: str | None = None) -> Job | None:
