@@ -26,7 +26,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -44,11 +43,10 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from bench import datagen
-from bench.processes import Child, RssSampler, child_env, free_port, wait_http_ok, wait_log
+from bench.processes import Child, RssSampler, child_env, wait_http_ok, wait_log
 from bench.services import BenchServices, bench_services, psql_binary
 from shared.cli import web_command, worker_command
 from shared.models import Feature, TokenScope
-from shared.settings import Settings
 from shared.tokens import create_token
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -323,15 +321,8 @@ def run_conveyor(
     """(c) HTTP upload → job ``SUCCESS`` with gunicorn and Celery worker processes."""
     procs, concurrency = parse_layout(layout)
     _reset_features(engine)
-    state = Path(tempfile.mkdtemp(prefix="conveyor-bench-state-"))
-    settings = Settings(
-        env="development",
-        database_url=services.database_url,
-        redis_url=services.redis_url,
-        state_dir=state,
-        web_host="127.0.0.1",
-        web_port=free_port(),
-    )
+    settings = services.child_settings("import")
+    state = settings.state_dir
     pepper = settings.secret("token_pepper")  # generated into state/ before any child reads it
     with Session(engine) as session:
         _, token = create_token(session, pepper, "bench", TokenScope.WRITE)

@@ -33,7 +33,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -232,17 +231,8 @@ class Stack:
 def stack(services: BenchServices, web: str, log_dir: Path) -> Iterator[Stack]:
     """gunicorn with ``web`` as WORKERSxTHREADS, a write token, and seeded features."""
     workers, threads = (int(x) for x in web.lower().split("x"))
-    state = Path(tempfile.mkdtemp(prefix="conveyor-bench-load-"))
-    settings = Settings(
-        env="development",
-        database_url=services.database_url,
-        redis_url=services.redis_url,
-        state_dir=state,
-        web_host="127.0.0.1",
-        web_port=free_port(),
-        flower_host="127.0.0.1",
-        flower_port=free_port(),
-    )
+    settings = services.child_settings("load", flower_host="127.0.0.1", flower_port=free_port())
+    state = settings.state_dir
     pepper = settings.secret("token_pepper")
     settings.secret("flower_password")  # generated now, before any child reads the file
     engine = create_engine(services.database_url, poolclass=NullPool)

@@ -13,7 +13,6 @@ import argparse
 import json
 import shutil
 import statistics
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,12 +24,11 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from bench.load import CACHE_DIR, Step, rate_step
-from bench.processes import Child, child_env, free_port, wait_http_ok
+from bench.processes import Child, child_env, wait_http_ok
 from bench.services import BenchServices, bench_services
 from shared.cli import web_command
 from shared.models import TokenScope
 from shared.queue import QUEUES, priority_lists
-from shared.settings import Settings
 from shared.tokens import create_token
 
 console = Console()
@@ -41,15 +39,8 @@ SATURATING_CONNECTIONS = 32
 
 def _saturate(services: BenchServices, metrics_on: bool, seconds: float, log: Path) -> Step:
     """One gunicorn (settings' layout), one saturating hey run, then everything stopped."""
-    state = Path(tempfile.mkdtemp(prefix="conveyor-bench-metrics-"))
-    settings = Settings(
-        env="development",
-        database_url=services.database_url,
-        redis_url=services.redis_url,
-        state_dir=state,
-        web_host="127.0.0.1",
-        web_port=free_port(),
-    )
+    settings = services.child_settings("metrics")
+    state = settings.state_dir
     engine = create_engine(services.database_url, poolclass=NullPool)
     with Session(engine) as session:
         _, token = create_token(

@@ -14,19 +14,22 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import shutil
+import tempfile
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from bench.processes import free_port
 from shared.db import normalize_url
 from shared.migrate import upgrade
-from shared.settings import load_settings
+from shared.settings import Settings, load_settings
 
 BENCH_DB = "conveyor_bench"
 BENCH_REDIS_DB = 13
@@ -47,6 +50,19 @@ class BenchServices:
     def libpq_url(self) -> str:
         """The bench database as a libpq URI, for ``psql``."""
         return _libpq(self.database_url)
+
+    def child_settings(self, name: str, **extra: Any) -> Settings:
+        """Settings for one measured stack: these services, a fresh state folder (the
+        caller removes it: ``settings.state_dir``), web on a free loopback port."""
+        return Settings(
+            env="development",
+            database_url=self.database_url,
+            redis_url=self.redis_url,
+            state_dir=Path(tempfile.mkdtemp(prefix=f"conveyor-bench-{name}-")),
+            web_host="127.0.0.1",
+            web_port=free_port(),
+            **extra,
+        )
 
 
 def _libpq(url: str) -> str:
