@@ -71,3 +71,27 @@ def test_a_stalled_upload_is_ended_by_the_server(db: Database) -> None:
     with pytest.raises((psycopg2.Error, sa.exc.DBAPIError)), db.session() as s:
         storage.write_stream(s, stalling(), 1 << 20, idle_timeout_s=1)
     assert _objects(db) == before
+
+
+def test_a_failed_write_stops_the_upload_and_surfaces(db: Database) -> None:
+    """Pieces are compressed and written in threads of their own: a write that fails there
+    (here: the session's server process is terminated) reaches the caller, and the rest
+    of the body is not read."""
+    sent = 0
+
+    def pieces(backend: int) -> Iterator[bytes]:
+        nonlocal sent
+        for i in range(10_000):
+            if i == 3:
+                with db.session() as other:
+                    other.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": backend})
+                    other.commit()
+            sent += 1
+            yield DATA[:65_536]
+
+    before = _objects(db)
+    with pytest.raises((psycopg2.Error, sa.exc.DBAPIError)), db.session() as s:
+        backend = int(s.scalar(sa.text("SELECT pg_backend_pid()")) or 0)
+        storage.write_stream(s, pieces(backend), 1 << 40, compression="identity")
+    assert 3 < sent < 10_000
+    assert _objects(db) == before
