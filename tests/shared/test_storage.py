@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import Iterator
@@ -53,6 +54,38 @@ def test_a_file_reads_back_whole_and_from_any_offset(
         s.commit()
 
 
+@pytest.mark.parametrize("compression", ["gzip", "identity"])
+def test_a_long_read_renews_its_transaction_and_loses_no_byte(
+    db: Database, compression: storage.Compression, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader reopens the object in a new transaction as it goes (here before every
+    read) so its snapshot never holds back pruning; the bytes come out the same."""
+    with db.session() as s:
+        stored = storage.write_stream(s, [DATA], 1 << 30, compression=compression)
+        s.commit()
+    monkeypatch.setattr(storage.LargeObjectReader, "REOPEN_EVERY_S", 0.0)
+    starts: set[object] = set()
+    got = bytearray()
+    with storage.reading(db.engine, stored.oid, 12_345, compression) as stream:
+        while piece := stream.read(70_001):
+            got += piece
+            with db.session() as other:  # the reader's own transaction, seen from outside
+                starts |= set(
+                    other.scalars(
+                        sa.text(
+                            "SELECT xact_start FROM pg_stat_activity WHERE pid <> "
+                            "pg_backend_pid() AND datname = current_database() AND "
+                            "state = 'idle in transaction'"
+                        )
+                    )
+                )
+    assert bytes(got) == DATA[12_345:]
+    assert len(starts) > 3  # a new transaction, again and again
+    with db.session() as s:
+        storage.delete(s, stored.oid)
+        s.commit()
+
+
 def test_an_oversized_upload_leaves_nothing(db: Database) -> None:
     before = _objects(db)
     with pytest.raises(storage.TooLarge), db.session() as s:
@@ -90,8 +123,11 @@ def test_a_failed_write_stops_the_upload_and_surfaces(db: Database) -> None:
             yield DATA[:65_536]
 
     before = _objects(db)
-    with pytest.raises((psycopg2.Error, sa.exc.DBAPIError)), db.session() as s:
-        backend = int(s.scalar(sa.text("SELECT pg_backend_pid()")) or 0)
+    s = db.sessionmaker()
+    backend = int(s.scalar(sa.text("SELECT pg_backend_pid()")) or 0)
+    with pytest.raises((psycopg2.Error, sa.exc.DBAPIError)):
         storage.write_stream(s, pieces(backend), 1 << 40, compression="identity")
+    with contextlib.suppress(psycopg2.Error, sa.exc.DBAPIError):
+        s.close()  # its connection is gone
     assert 3 < sent < 10_000
     assert _objects(db) == before
