@@ -143,7 +143,9 @@ FROM up
 # and FOR UPDATE would deadlock two writers). Then this chunk's counts are added, the
 # checkpoint moves to the end of the unbroken run of committed chunks, and the lease is
 # renewed with the new progress: the fencing check, this transaction writes only if the
-# token is still ours (else the caller rolls it all back).
+# token is still ours (else the caller rolls it all back). head_chunk comes from a scalar
+# subquery so it bounds the index scan on import_chunks: as a join filter it did not, and
+# every chunk read all the import's earlier chunk rows (1.2 ms a chunk at 10M rows).
 _PROGRESS = """jsonb_build_object(
         'done', i.byte_offset, 'total', NULLIF(i.size_bytes, 0),
         'percent', round(100.0 * i.byte_offset / NULLIF(i.size_bytes, 0), 1),
@@ -156,8 +158,9 @@ INSERT INTO import_chunks (job_id, chunk, end_offset, end_line)
 VALUES (%(job)s, %(chunk)s, %(offset)s, %(line)s);
 SELECT FROM imports WHERE job_id = %(job)s FOR NO KEY UPDATE;
 WITH head AS (
-    SELECT c.chunk, c.end_offset, c.end_line FROM import_chunks c, imports i
-    WHERE i.job_id = %(job)s AND c.job_id = i.job_id AND c.chunk >= i.head_chunk
+    SELECT c.chunk, c.end_offset, c.end_line FROM import_chunks c
+    WHERE c.job_id = %(job)s
+      AND c.chunk >= (SELECT head_chunk FROM imports WHERE job_id = %(job)s)
       AND NOT EXISTS (SELECT FROM import_chunks d
                       WHERE d.job_id = c.job_id AND d.chunk = c.chunk + 1)
     ORDER BY c.chunk LIMIT 1
