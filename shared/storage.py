@@ -4,15 +4,19 @@ A large object is created, written and unlinked inside a transaction, so a faile
 oversized upload rolled back leaves nothing stored. Reads stream in fixed-size pieces;
 nothing here holds a whole file in memory.
 
-Files are stored gzip-compressed (level 1) by default: PostgreSQL writes a large object at
-about 50 MB/s here, so storing a third of the bytes makes the upload faster (measured on a
+Files are stored gzip-compressed by default: PostgreSQL writes a large object at about
+50 MB/s here, so storing a third of the bytes makes the upload faster (measured on a
 123 MB CSV: 1.45 s against 2.44 s, and reading it back 1.0 s against 1.2 s) and the
 database smaller. Sizes, digests and offsets always refer to the uncompressed file.
+
+The gzip stream is made and read by python-isal (Intel's ISA-L), which writes and reads
+the same gzip format as the standard library, faster: on that CSV, compressing at level 1
+took 0.23 s of CPU against zlib's 1.06 s (and made 36 MB against 37 MB), inflating
+0.12 s against 0.32 s.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import queue
@@ -23,12 +27,13 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from isal import igzip
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 READ_SIZE = 1 << 20  # 1 MiB: large enough for throughput, small against any memory budget
 Compression = Literal["gzip", "identity"]
-GZIP_LEVEL = 1  # level 2 and up cost more CPU than the smaller object saves
+GZIP_LEVEL = 1  # ISA-L's levels are 0-3; 2 and 3 cost more CPU than the smaller object saves
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,9 @@ def write_stream(
     try:
         with (
             _WriteBehind(lobj.write) as stored,
-            gzip.GzipFile(fileobj=stored, mode="wb", compresslevel=GZIP_LEVEL, mtime=0)
+            igzip.IGzipFile(  # type: ignore[no-untyped-call]
+                fileobj=stored, mode="wb", compresslevel=GZIP_LEVEL, mtime=0
+            )
             if compression == "gzip"
             else _Plain(stored) as sink,
             _WriteBehind(sink.write) as behind,
@@ -230,13 +237,13 @@ def reading(
     """A buffered reader over the file from ``offset``, on a connection of its own.
 
     ``offset`` counts bytes of the file, not of the object: in a gzip-compressed object
-    the reader inflates from the start and skips to it (about 0.3 s per 60 MB).
+    the reader inflates from the start and skips to it (about 0.06 s per 60 MB).
     """
     connection = engine.raw_connection()
     try:
         raw = LargeObjectReader(connection, oid)
         if compression == "gzip":
-            stream: io.BufferedIOBase = gzip.GzipFile(
+            stream: io.BufferedIOBase = igzip.IGzipFile(  # type: ignore[no-untyped-call]
                 fileobj=io.BufferedReader(raw, buffer_size=READ_SIZE), mode="rb"
             )
             stream.seek(offset)

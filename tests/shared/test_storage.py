@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import random
 import time
 from collections.abc import Iterator
 
@@ -60,14 +61,16 @@ def test_a_long_read_renews_its_transaction_and_loses_no_byte(
 ) -> None:
     """The reader reopens the object in a new transaction as it goes (here before every
     read) so its snapshot never holds back pruning; the bytes come out the same."""
+    # Incompressible bytes too, so even the gzip object spans several reads of a MiB.
+    data = DATA + random.Random(7).randbytes(5 << 20)
     with db.session() as s:
-        stored = storage.write_stream(s, [DATA], 1 << 30, compression=compression)
+        stored = storage.write_stream(s, [data], 1 << 30, compression=compression)
         s.commit()
     monkeypatch.setattr(storage.LargeObjectReader, "REOPEN_EVERY_S", 0.0)
     starts: set[object] = set()
     got = bytearray()
     with storage.reading(db.engine, stored.oid, 12_345, compression) as stream:
-        while piece := stream.read(70_001):
+        while piece := stream.read(700_001):
             got += piece
             with db.session() as other:  # the reader's own transaction, seen from outside
                 starts |= set(
@@ -79,7 +82,7 @@ def test_a_long_read_renews_its_transaction_and_loses_no_byte(
                         )
                     )
                 )
-    assert bytes(got) == DATA[12_345:]
+    assert bytes(got) == data[12_345:]
     assert len(starts) > 3  # a new transaction, again and again
     with db.session() as s:
         storage.delete(s, stored.oid)
