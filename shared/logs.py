@@ -47,8 +47,16 @@ _STD_ATTRS = frozenset(
 
 def configure_logging(settings: Settings, process: str) -> None:
     """Route every logger to stderr as JSON lines tagged with the process kind."""
+
+    def tag_process(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        # A processor, not a context variable: threads a server starts later (gunicorn
+        # gthread, granian) begin with an empty context and would log untagged lines.
+        event_dict.setdefault("process", process)
+        return event_dict
+
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        tag_process,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _extra_fields,
@@ -75,7 +83,6 @@ def configure_logging(settings: Settings, process: str) -> None:
     # warnings.warn output (Celery's superuser warning, deprecations) becomes JSON too.
     logging.captureWarnings(True)
     structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(process=process)
     structlog.configure(
         processors=[
             structlog.stdlib.add_logger_name,
