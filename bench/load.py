@@ -1,6 +1,7 @@
 """The seed's load scenario, the cached GET's peak, and the job path under load (issue 5).
 
-Three phases against real gunicorn, Celery and Flower processes on the benchmark database:
+Three phases against real web (granian or gunicorn), Celery and Flower processes on the
+benchmark database:
 
 1. **Seed scenario** (locust, ``bench/locustfile.py``; ``bench/load_test.js`` is the same
    for k6): up to 100 users, each looping GET the first page of features, POST a feature,
@@ -229,9 +230,12 @@ class Stack:
 
 @contextlib.contextmanager
 def stack(services: BenchServices, web: str, log_dir: Path) -> Iterator[Stack]:
-    """gunicorn with ``web`` as WORKERSxTHREADS, a write token, and seeded features."""
-    workers, threads = (int(x) for x in web.lower().split("x"))
-    settings = services.child_settings("load", flower_host="127.0.0.1", flower_port=free_port())
+    """The web server of ``web`` (SERVER:WORKERSxTHREADS), a write token, seeded features."""
+    server, _, layout = web.rpartition(":")
+    workers, threads = (int(x) for x in layout.lower().split("x"))
+    settings = services.child_settings(
+        "load", flower_host="127.0.0.1", flower_port=free_port(), web_server=server
+    )
     state = settings.state_dir
     pepper = settings.secret("token_pepper")
     settings.secret("flower_password")  # generated now, before any child reads the file
@@ -247,7 +251,7 @@ def stack(services: BenchServices, web: str, log_dir: Path) -> Iterator[Stack]:
                 "web",
                 web_command(settings, workers=workers, threads=threads),
                 env,
-                log_dir / f"web-{web}.log",
+                log_dir / f"web-{web.replace(':', '-')}.log",
             )
         )
         wait_http_ok(s.base + "/readyz", web_child)
@@ -630,7 +634,7 @@ def print_seed(seed: SeedResult) -> None:
 def print_peak(web: str, cached: Ladder, bare: Ladder) -> dict[str, Any]:
     table = Table(
         title=f"Peak req/s, open loop, p99 ≤ {PEAK_P99_S * 1000:.0f} ms and errors"
-        f" < {ERROR_LIMIT:.1%} (gunicorn gthread {web})"
+        f" < {ERROR_LIMIT:.1%} ({web})"
     )
     for col in (
         "endpoint",
@@ -722,11 +726,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--web",
         default=None,
-        help="gunicorn layouts WORKERSxTHREADS, comma-separated (default: the settings')",
+        help="server layouts SERVER:WORKERSxTHREADS, comma-separated, e.g. "
+        "granian:2x4,gunicorn:4x4 (default: the settings' server and layout)",
     )
     parser.add_argument("--skip-seed", action="store_true")
     parser.add_argument("--skip-peak", action="store_true")
     parser.add_argument("--skip-jobs", action="store_true")
+
+
+def _layout(spec: str) -> str:
+    """SERVER:WORKERSxTHREADS, the settings' figures filling what ``spec`` leaves out."""
+    defaults = Settings()
+    server, _, layout = spec.rpartition(":") if ":" in spec else (spec, "", "")
+    if "x" in server:  # a bare layout: the default server's
+        server, layout = defaults.web_server, server
+    if not layout:
+        layout = (
+            f"{defaults.granian_workers}x{defaults.granian_threads}"
+            if server == "granian"
+            else f"{defaults.web_workers}x{defaults.web_threads}"
+        )
+    return f"{server}:{layout}"
 
 
 def _missing_tools(args: argparse.Namespace) -> list[str]:
@@ -737,13 +757,12 @@ def _missing_tools(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Run the phases for each gunicorn layout and print the tables."""
+    """Run the phases for each server layout and print the tables."""
     missing = _missing_tools(args)
     if missing:
         raise SystemExit(f"missing {', '.join(missing)}: run `make bench-tools` first")
-    defaults = Settings()
-    layouts = [
-        x.strip() for x in (args.web or f"{defaults.web_workers}x{defaults.web_threads}").split(",")
+    layouts = [_layout(x.strip()) for x in (args.web or "").split(",") if x.strip()] or [
+        _layout(Settings().web_server)
     ]
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     report: dict[str, Any] = {
@@ -755,9 +774,9 @@ def run(args: argparse.Namespace) -> None:
     with bench_services(CACHE_DIR) as services:
         console.print(f"services: {services.origin}; {os.cpu_count()} CPUs")
         for web in layouts:
-            log_dir = CACHE_DIR / "logs" / run_id / f"load-{web}"
+            log_dir = CACHE_DIR / "logs" / run_id / f"load-{web.replace(':', '-')}"
             log_dir.mkdir(parents=True, exist_ok=True)
-            console.print(f"\n[bold]gunicorn gthread {web}[/] (logs in {log_dir})")
+            console.print(f"\n[bold]{web}[/] (logs in {log_dir})")
             entry: dict[str, Any] = {}
             with stack(services, web, log_dir) as s:
                 if not args.skip_seed:

@@ -2,7 +2,7 @@
 
 ``conveyor run`` is a small process supervisor for one machine: it starts the embedded
 PostgreSQL and Redis when ``DATABASE_URL``/``REDIS_URL`` are unset, migrates, makes the
-first admin token, then runs web (gunicorn), a worker, beat, Flower and the Prometheus
+first admin token, then runs web (granian or gunicorn), a worker, beat, Flower and the Prometheus
 exporter as children and restarts any that dies. ``conveyor web|worker|beat|flower|exporter``
 run one of them in the foreground (exec), for compose files and process managers.
 
@@ -228,7 +228,19 @@ def web_command(
     threads: int | None = None,
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """gunicorn serving ``web.wsgi:app`` with threaded workers."""
+    """The API server (``settings.web_server``) serving ``web.wsgi:app``.
+
+    granian (``web.granian_server``) by default; gunicorn with threaded workers when
+    chosen. ``extra`` goes to gunicorn only.
+    """
+    if settings.web_server == "granian":
+        if extra:
+            raise click.UsageError("extra server arguments are for gunicorn only")
+        argv = [sys.executable, "-m", "web.granian_server", "--host", settings.web_host]
+        argv += ["--port", str(settings.web_port)]
+        argv += ["--workers", str(workers)] if workers else []
+        argv += ["--threads", str(threads)] if threads else []
+        return argv
     return [
         sys.executable,
         "-m",
@@ -885,11 +897,11 @@ def run() -> None:
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
-@click.option("--workers", "-w", type=click.IntRange(min=1), help="gunicorn worker processes.")
+@click.option("--workers", "-w", type=click.IntRange(min=1), help="Server worker processes.")
 @click.option("--threads", type=click.IntRange(min=1), help="Threads per worker process.")
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
 def web(workers: int | None, threads: int | None, extra: tuple[str, ...]) -> None:
-    """Serve the API with gunicorn (in the foreground). EXTRA goes to gunicorn."""
+    """Serve the API with granian, or gunicorn (in the foreground). EXTRA goes to gunicorn."""
     settings = _require_urls(_load_settings(), postgres=True, redis=True, what="web")
     _exec(web_command(settings, workers=workers, threads=threads, extra=extra), _env(settings))
 

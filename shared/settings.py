@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     # HTTP.
     web_host: str = "127.0.0.1"
     web_port: int = 8000
+    # The HTTP server, chosen by measurement on 2 cores (README, "Serving"; wrk -t2 -c64 on
+    # the cached feature list): granian 2 workers x 4 threads 9.6-9.8k req/s, gunicorn
+    # gthread 4x4 4.9k. granian parses HTTP in Rust; gunicorn does it in Python.
+    web_server: Literal["granian", "gunicorn"] = "granian"
+    granian_workers: int = 2
+    granian_threads: int = 4  # blocking (Python) threads per worker: 1 7.8k, 2 8.2k, 8 9.6k
     # gunicorn gthread layout, chosen by `make bench-load` on 2 cores: 4 processes of 4
     # threads served the cached GET at 2.6k req/s (p99 ≤ 800 ms), 2x8 at 1.4k, 4x8 at
     # 2.1k: one GIL per process limits threads, and 4 processes keep both cores busy.

@@ -69,7 +69,7 @@ def _count_submission(response: Response) -> None:
 
 @bp.get("/metrics")
 def metrics_endpoint() -> Response:
-    """This server's figures (every gunicorn worker's) in Prometheus text format."""
+    """This server's figures (every worker process's) in Prometheus text format."""
     settings = conveyor().settings
     if not settings.metrics_enabled:
         raise NotFound("metrics are turned off (CONVEYOR_METRICS_ENABLED=false)")

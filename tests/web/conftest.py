@@ -29,6 +29,7 @@ from sqlalchemy import update
 from werkzeug.serving import make_server
 from werkzeug.test import TestResponse
 
+from shared.cli import web_command
 from shared.db import Database
 from shared.models import ApiToken, Job, JobState, TokenScope
 from shared.queue import KINDS, QUEUES
@@ -206,22 +207,37 @@ def live_server(app: Flask) -> Iterator[str]:
     thread.join(timeout=5)
 
 
+WEB_SERVERS = ("granian", "gunicorn")
+
+
 @contextlib.contextmanager
 def run_gunicorn(settings: Settings, log_path: Path, *args: str, **env: str) -> Iterator[str]:
     """``gunicorn web.wsgi:app`` as deployed (``args`` added), until its /healthz answers."""
     port = unused_port()
+    argv = [sys.executable, "-m", "gunicorn", "web.wsgi:app", "--bind", f"127.0.0.1:{port}"]
+    with _serving([*argv, "--no-control-socket", *args], port, settings, log_path, env) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def run_web(
+    settings: Settings, log_path: Path, server: str, *, workers: int, threads: int = 4, **env: str
+) -> Iterator[str]:
+    """``server`` started by the command ``conveyor web`` runs (``cli.web_command``)."""
+    port = unused_port()
+    chosen = settings.model_copy(update={"web_server": server, "web_port": port})
+    argv = web_command(chosen, workers=workers, threads=threads)
+    with _serving(argv, port, settings, log_path, {"CONVEYOR_WEB_SERVER": server, **env}) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _serving(
+    argv: list[str], port: int, settings: Settings, log_path: Path, env: dict[str, str]
+) -> Iterator[str]:
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "web.wsgi:app",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--no-control-socket",
-                *args,
-            ],
+            argv,
             cwd=ROOT,
             env=child_env(settings, **env),
             stdout=log,
@@ -231,7 +247,7 @@ def run_gunicorn(settings: Settings, log_path: Path, *args: str, **env: str) -> 
 
     def ready() -> bool:
         if proc.poll() is not None:
-            pytest.fail(f"gunicorn exited:\n{log_path.read_text()[-4000:]}")
+            pytest.fail(f"{argv[2]} exited:\n{log_path.read_text()[-4000:]}")
         try:
             return requests.get(f"{url}/healthz", timeout=2).status_code == 200
         except (requests.ConnectionError, requests.Timeout):  # bound, workers still booting

@@ -25,7 +25,7 @@ from shared.models import ApiToken, Feature
 from shared.settings import Settings
 from tests.conftest import WorkerProcess, wait_until
 from tests.web.catalog_helpers import clear_cache, create_feature, create_test_case
-from tests.web.conftest import Tokens, build_app, close_app, problem, run_gunicorn
+from tests.web.conftest import WEB_SERVERS, Tokens, build_app, close_app, problem, run_web
 from worker.cache_warming import warm_cache
 
 
@@ -126,15 +126,15 @@ def test_every_write_is_seen_at_once_by_another_process(
                 assert reader.get(url, headers=held).status_code == 200, (name, url)
 
 
-def test_two_gunicorn_processes_see_each_others_writes(
-    settings: Settings, tokens: Tokens, tmp_path: Path
+@pytest.mark.parametrize("server", WEB_SERVERS)
+def test_two_web_servers_see_each_others_writes(
+    settings: Settings, tokens: Tokens, tmp_path: Path, server: str
 ) -> None:
-    """A PATCH through one gunicorn is read back at once through the other, whose L1
+    """A PATCH through one server is read back at once through the other, whose L1
     held the old value."""
-    args = ("--worker-class", "gthread", "--threads", "4", "--workers", "1")
     with (
-        run_gunicorn(settings, tmp_path / "a.log", *args) as a,
-        run_gunicorn(settings, tmp_path / "b.log", *args) as b,
+        run_web(settings, tmp_path / "a.log", server, workers=1) as a,
+        run_web(settings, tmp_path / "b.log", server, workers=1) as b,
     ):
         created = requests.post(
             f"{a}/api/v1/features",

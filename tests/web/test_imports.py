@@ -32,6 +32,7 @@ from shared.models import ImportError_, ImportRun, Job, Upload
 from shared.settings import Settings
 from tests.conftest import ROOT
 from tests.web.conftest import (
+    WEB_SERVERS,
     Token,
     Tokens,
     build_app,
@@ -39,7 +40,7 @@ from tests.web.conftest import (
     insert_job,
     problem,
     queued_message,
-    run_gunicorn,
+    run_web,
     set_job,
 )
 from tests.worker.importing import stored_file
@@ -802,27 +803,25 @@ def test_chunked_transfer_encoding_over_http(
     assert counts(committed_db) == accepted
 
 
-@pytest.fixture
-def small_gunicorn(settings: Settings, committed_db: Database, tmp_path: Path) -> Iterator[str]:
-    """gunicorn (which de-chunks request bodies itself) with a 1000-byte upload limit."""
-    with run_gunicorn(
+@pytest.fixture(params=WEB_SERVERS)
+def small_server(
+    request: pytest.FixtureRequest, settings: Settings, committed_db: Database, tmp_path: Path
+) -> Iterator[str]:
+    """The real server (each de-chunks request bodies itself) with a 1000-byte upload limit."""
+    with run_web(
         settings,
-        tmp_path / "gunicorn.log",
-        "--workers",
-        "1",
-        "--worker-class",
-        "gthread",
-        "--threads",
-        "4",
+        tmp_path / "web.log",
+        request.param,
+        workers=1,
         CONVEYOR_IMPORT_MAX_BYTES=str(SMALL_LIMIT),
     ) as url:
         yield url
 
 
-def test_chunked_and_sized_uploads_under_gunicorn(
-    small_gunicorn: str, tokens: Tokens, committed_db: Database, broker: redis.Redis
+def test_chunked_and_sized_uploads_under_each_server(
+    small_server: str, tokens: Tokens, committed_db: Database, broker: redis.Redis
 ) -> None:
-    url = f"{small_gunicorn}{URL}?target=features"
+    url = f"{small_server}{URL}?target=features"
     headers = {**tokens.write.headers, "Content-Type": "text/csv"}
     content = features_csv(20)
     response = requests.post(url, data=_generate(content), headers=headers, timeout=30)

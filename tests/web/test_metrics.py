@@ -31,7 +31,14 @@ from shared.db import Database
 from shared.queue import QUEUES, Publisher, priority_lists
 from shared.settings import Settings
 from tests.conftest import ROOT, WorkerProcess, child_env, wait_until
-from tests.web.conftest import Tokens, build_app, close_app, run_gunicorn, unused_port
+from tests.web.conftest import (
+    WEB_SERVERS,
+    Tokens,
+    build_app,
+    close_app,
+    run_web,
+    unused_port,
+)
 from worker.exporter import Exporter, build_registry
 
 pytestmark = pytest.mark.worker
@@ -263,30 +270,29 @@ def test_worker_up_drops_to_zero_after_sigkill(
             worker.stop()
 
 
-def test_counters_of_three_gunicorn_workers_add_up(
-    metrics_settings: Settings, committed_db: Database, tmp_path: Path
+@pytest.mark.parametrize("server", WEB_SERVERS)
+def test_counters_of_every_worker_add_up_and_go_with_the_server(
+    metrics_settings: Settings, committed_db: Database, tmp_path: Path, server: str
 ) -> None:
+    """granian's launcher and gunicorn's hooks: one directory, every worker's files in it,
+    sums on /metrics from any worker, the directory removed when the server stops."""
     metrics_dir = metrics_settings.metrics_path
-    with run_gunicorn(
+    with run_web(
         metrics_settings,
-        tmp_path / "gunicorn.log",
-        "--workers",
-        "3",
-        "--config",
-        "python:web.metrics",
+        tmp_path / "web.log",
+        server,
+        workers=3,
         CONVEYOR_METRICS_DIR=str(metrics_dir),
     ) as url:
-        session = requests.Session()
         sent = 0
         # Fresh connections until at least two workers have answered (their own files).
         while len({p.name for p in metrics_dir.glob("web-*/histogram_*.db")}) < 2 or sent < 60:
-            requests.get(f"{url}/readyz", timeout=5)
+            requests.get(f"{url}/readyz", timeout=5, headers={"Connection": "close"})
             sent += 1
-            assert sent < 3000, "one gunicorn worker answered every request"
-        samples = parse(session.get(f"{url}/metrics", timeout=5).text)
+            assert sent < 3000, f"one {server} worker answered every request"
+        samples = parse(requests.get(f"{url}/metrics", timeout=5).text)
         count = value(samples, "conveyor_http_request_duration_seconds_count", route="/readyz")
         assert count == sent
-    # The master removed its directory when it stopped.
     assert not list(metrics_dir.glob("web-*"))
 
 
