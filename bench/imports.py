@@ -5,7 +5,7 @@ Measured in one run, on the same PostgreSQL, from the same generated CSV:
 (a) ``psql \\copy`` of the whole file into an empty copy of ``features``: the limit;
 (b) the seed's "GOOD" path, SQLAlchemy ``bulk_insert_mappings`` with a commit every 1000
     rows, as the seed writes it and with ``render_nulls=True``;
-(c) Conveyor end to end: a streaming HTTP upload to gunicorn, then real Celery worker
+(c) Conveyor end to end: a streaming HTTP upload to the web server, then real Celery worker
     processes, from the first byte sent to the job's ``SUCCESS``.
 
 Every method starts from an empty table after a ``CHECKPOINT`` (so one method's dirty
@@ -318,7 +318,7 @@ def parse_layout(layout: str) -> tuple[int, int]:
 def run_conveyor(
     path: Path, rows: int, services: BenchServices, engine: Engine, layout: str, log_dir: Path
 ) -> Result:
-    """(c) HTTP upload → job ``SUCCESS`` with gunicorn and Celery worker processes."""
+    """(c) HTTP upload → job ``SUCCESS`` with web server and Celery worker processes."""
     procs, concurrency = parse_layout(layout)
     _reset_features(engine)
     settings = services.child_settings("import")
@@ -564,14 +564,14 @@ def print_report(rows: int, results: list[Result], summary: dict[str, Any]) -> N
     console.print(spent)
     console.print(
         "RSS: the targets use the largest single process (master or child); children are "
-        "gunicorn workers and Celery pool processes, which handle the data; tree sums count "
+        "web server workers and Celery pool processes, which handle the data; tree sums count "
         "fork-shared pages once per process."
     )
 
 
 GROWTH_METRICS = (
     ("web", "web_peak_process_mb", "largest process"),
-    ("web", "web_peak_child_mb", "gunicorn workers"),
+    ("web", "web_peak_child_mb", "web server workers"),
     ("worker", "worker_peak_process_mb", "largest process"),
     ("worker", "worker_peak_child_mb", "pool processes + their children"),
 )

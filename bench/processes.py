@@ -50,7 +50,7 @@ def child_env(settings: Settings) -> dict[str, str]:
 
 
 class Child:
-    """One started command (a gunicorn or celery master and the processes it forks)."""
+    """One started command (a web server or celery master and the processes it forks)."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
         self.name = name
@@ -70,7 +70,7 @@ class Child:
         return self.proc.poll() is None
 
     def tree(self) -> list[psutil.Process]:
-        """The master and all its descendants (prefork children, gunicorn workers)."""
+        """The master and all its descendants (prefork children, web server workers)."""
         try:
             root = psutil.Process(self.proc.pid)
             return [root, *root.children(recursive=True)]
@@ -133,7 +133,7 @@ class GroupPeak:
     tree_mb: float = 0.0  # the largest single tree: a master and its children, summed
     process_mb: float = 0.0  # the largest single process, master or child
     process_name: str = ""
-    # The largest process below a master: a gunicorn worker, a Celery pool process (and
+    # The largest process below a master: a web server worker, a Celery pool process (and
     # whatever it starts). These handle the data; a master's size does not depend on it.
     child_mb: float = 0.0
     processes: int = 0  # most processes seen at once in the group

@@ -359,7 +359,7 @@ class ChunkWriter:
     """Writes one chunk per transaction on a connection of its own (see module docstring).
 
     A raw psycopg2 connection held for the whole import, in autocommit mode with the
-    transaction spelled out: BEGIN, the settings, a savepoint and the COPY go as one round
+    transaction spelled out: BEGIN, the settings and the COPY go as one round
     trip, then the checkpoint with the lease check, then COMMIT. No pool checkout or
     pre-ping per chunk. That is what keeps a 1000-row transaction close to COPY's speed.
     """
@@ -432,13 +432,15 @@ class ChunkWriter:
         if self.target == "features" and rows and self.fast_path_cooldown == 0:
             dated, undated = frame.blobs
             try:
-                self._copy(
-                    cursor, f"{self.begin_sql}; SAVEPOINT conveyor_fast", "features", dated, undated
-                )
+                self._copy(cursor, self.begin_sql, "features", dated, undated)
                 inserted = rows
             except psycopg2.errors.UniqueViolation:
-                # Some rows exist already (a re-import, or a duplicate across chunks).
-                cursor.execute("ROLLBACK TO SAVEPOINT conveyor_fast")
+                # Some rows exist already (a re-import, or a duplicate across chunks): the
+                # transaction held nothing else, so it starts over on the upsert path. No
+                # savepoint on the way: a subtransaction on every chunk cost PostgreSQL
+                # 3-26 % more CPU for the COPY (measured, two writers, 1M rows).
+                cursor.execute("ROLLBACK")
+                cursor.execute(self.begin_sql)
                 self.fast_path_cooldown = FAST_PATH_RETRY_EVERY
                 inserted, updated, seen = self._upsert(cursor, dated, undated)
         else:
