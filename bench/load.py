@@ -682,7 +682,14 @@ def print_peak(web: str, cached: Ladder, bare: Ladder) -> dict[str, Any]:
 def print_jobs(result: dict[str, Any]) -> dict[str, Any]:
     canary = (result["canary_enqueue"] or {}).get("achieved", 0.0)
     flower = (result["flower_enqueue"] or {}).get("achieved", 0.0)
-    enqueue_ratio = canary / flower if flower else 0.0
+    # Flower may hold no step within the bound at all (one connection already past it):
+    # then the ratio at the bound is undefined, and the best rate of any step says more.
+    enqueue_ratio = canary / flower if flower else (float("inf") if canary else 0.0)
+    best = {
+        name: max((x["achieved"] for x in result[f"{name}_steps"]), default=0.0)
+        for name in ("canary", "flower")
+    }
+    best_ratio = best["canary"] / best["flower"] if best["flower"] else 0.0
     jobs_ratio = (
         result["canary_jobs_per_s"] / result["raw_celery_per_s"]
         if result["raw_celery_per_s"]
@@ -701,9 +708,16 @@ def print_jobs(result: dict[str, Any]) -> dict[str, Any]:
     table.add_row(
         f"enqueue req/s at p99 ≤ {ENQUEUE_P99_S * 1000:.0f} ms",
         f"{canary:,.0f} (POST /api/v1/canaries)",
-        f"{flower:,.0f} (Flower async-apply)",
-        f"{enqueue_ratio:.2f}",
+        f"{flower:,.0f} (Flower async-apply)" + ("" if flower else ": no step within the bound"),
+        "n/a" if not flower else f"{enqueue_ratio:.2f}",
         f"≥ {TARGET_CANARY_OVER_FLOWER} {_mark(enqueue_ratio >= TARGET_CANARY_OVER_FLOWER)}",
+    )
+    table.add_row(
+        "enqueue req/s, best step at any p99",
+        f"{best['canary']:,.0f}",
+        f"{best['flower']:,.0f}",
+        f"{best_ratio:.2f}",
+        "—",
     )
     table.add_row(
         f"jobs/s submit → SUCCESS ({result['jobs']:,}, worker -c {result['worker_concurrency']})",
@@ -713,7 +727,11 @@ def print_jobs(result: dict[str, Any]) -> dict[str, Any]:
         f"≥ {TARGET_JOBS_OVER_RAW} {_mark(jobs_ratio >= TARGET_JOBS_OVER_RAW)}",
     )
     console.print(table)
-    return {"enqueue_ratio": round(enqueue_ratio, 3), "jobs_ratio": round(jobs_ratio, 3)}
+    return {
+        "enqueue_ratio": None if not flower else round(enqueue_ratio, 3),
+        "enqueue_best_ratio": round(best_ratio, 3),
+        "jobs_ratio": round(jobs_ratio, 3),
+    }
 
 
 # --- entry points --------------------------------------------------------------------------------
