@@ -111,8 +111,9 @@ class _WriteBehind:
     """Compress and write each piece in a thread while the caller receives the next one.
 
     zlib, hashlib, socket reads and libpq's large-object writes all release the GIL, so
-    receiving, compressing and storing overlap: a 123 MB CSV read from a file stores in
-    0.86 s with a thread per stage against 1.1-1.3 s in one thread. At most ``DEPTH``
+    receiving, compressing and storing overlap: a 123 MB CSV read from a file stored in
+    0.86 s with a thread per stage against 1.1-1.3 s in one thread (with zlib; with ISA-L
+    it stores in 0.36 s). At most ``DEPTH``
     pieces wait (a few MiB), and pieces keep their order: one thread writes them all.
     """
 
