@@ -318,8 +318,9 @@ class Cache:
 
     # --- reads -------------------------------------------------------------------------
 
-    def _local_get(self, name: str, key: str) -> Any:
-        """The L1 value, or None when absent, expired, of an old generation, or L1 is off."""
+    def peek(self, name: str, key: str) -> Any:
+        """The L1 value, or None when absent, expired, of an old generation, or L1 is off;
+        counts nothing (``web.fastpath`` counts what it serves)."""
         live = self.l1_live()
         with self._lock:
             entry = self._local.get((name, key)) if live else None
@@ -328,10 +329,14 @@ class Cache:
                 and entry.generation == self._generations.get(name, 0)
                 and entry.expires > time.monotonic()
             ):
-                self._counts["l1_hit"] += 1
                 return entry.value
-            self._counts["l1_miss"] += 1
             return None
+
+    def _local_get(self, name: str, key: str) -> Any:
+        """``peek``, counting the L1 hit or miss."""
+        value = self.peek(name, key)
+        self.count("l1", "miss" if value is None else "hit")
+        return value
 
     def _local_put(self, name: str, key: str, generation: int, started: float, value: Any) -> None:
         with self._lock:

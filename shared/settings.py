@@ -130,6 +130,8 @@ class Settings(BaseSettings):
     # every web process to acknowledge its invalidation (see shared/cache.py).
     cache_local_ttl_s: float = 1.0
     cache_local_max_entries: int = 10_000
+    # L1 hits of cached GETs answered before Flask (web/fastpath.py); off = through Flask.
+    cache_fast_path: bool = True
     token_cache_max_entries: int = 10_000  # authenticated tokens remembered per process
     cache_warm_top: int = 100  # the beat task loads this many most-read features into Redis
     cache_warm_interval_s: float = 60.0

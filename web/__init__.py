@@ -12,9 +12,10 @@ from shared.settings import Settings, load_settings
 from shared.tracing import init_tracing, instrument_flask
 from web import canaries, deployments, environments, features, health, imports, jobs, test_cases
 from web.auth import check_api_protected
-from web.catalog import init_compression
+from web.catalog import CACHE_CONTROL, init_compression
 from web.errors import register_error_handlers
 from web.extension import init_conveyor
+from web.fastpath import init_fast_path
 from web.metrics import init_metrics
 from web.request_ids import init_request_ids
 
@@ -38,7 +39,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     # Before the engines exist: SQLAlchemy is instrumented as engines are created.
     tracer_provider = init_tracing(settings, "web")
-    init_conveyor(app, settings)
+    conveyor_ext = init_conveyor(app, settings)
     init_request_ids(app)
     register_error_handlers(app)
     register_blueprints(app)
@@ -46,6 +47,16 @@ def create_app(settings: Settings | None = None) -> Flask:
     init_metrics(app, settings)
     if tracer_provider is not None:
         instrument_flask(app, tracer_provider)
+    elif settings.cache_fast_path:
+        # Not with tracing: every request should have its server span.
+        init_fast_path(
+            app,
+            conveyor_ext.cache,
+            conveyor_ext.token_pepper,
+            CACHE_CONTROL,
+            metrics_enabled=settings.metrics_enabled,
+            entries=settings.cache_local_max_entries,
+        )
     check_api_protected(app)
     return app
 

@@ -37,6 +37,12 @@ def current_principal() -> Principal:
     return principal
 
 
+def required_scope() -> TokenScope:
+    """The scope this request's view demanded."""
+    scope: TokenScope = g.required_scope
+    return scope
+
+
 def visible_owner(principal: Principal) -> str | None:
     """The owner whose jobs ``principal`` may see; None means everyone's (admin)."""
     return None if principal.allows(TokenScope.ADMIN) else principal.token_id
@@ -80,6 +86,7 @@ def requires(scope: TokenScope) -> Callable[[Callable[P, R]], Callable[P, R]]:
             if not principal.allows(scope):
                 raise Forbidden(f"this endpoint needs a token with the {scope.value!r} scope")
             g.principal = principal
+            g.required_scope = scope
             return view(*args, **kwargs)
 
         _PROTECTED.add(guarded)

@@ -23,8 +23,10 @@ from sqlalchemy.orm import Session
 from shared.cache import Cache, Cached, serialize
 from shared.models import TestCaseStatus
 from shared.settings import Settings
+from web.auth import required_scope
 from web.errors import ApiError, Conflict, ServiceUnavailable
 from web.extension import conveyor
+from web.fastpath import ENVIRON_KEY, CachedRoute, matching_tag
 from web.jobs import MAX_PAGE, MAX_PAGE_SIZE
 
 CACHE_CONTROL = "private, no-cache"
@@ -92,29 +94,13 @@ def cache() -> Cache:
     return conveyor().cache
 
 
-def _matching_tag(etag: str) -> str | None:
-    """The tag of ``If-None-Match`` that names ``etag``, if any.
-
-    Compressed responses carry ``"<tag>:gzip"`` (flask-compress keeps strong validators
-    distinct per encoding), so a suffix after ``:`` still names the same body.
-    """
-    tags = request.if_none_match
-    if tags.star_tag:
-        return etag
-    bare = etag.strip('"')
-    for tag in tags.as_set(include_weak=True):
-        if tag.split(":", 1)[0] == bare:
-            return f'"{tag}"'
-    return None
-
-
 def conditional(cached: Cached, layer: str) -> Response:
     """200 with the body, or 304 when the client already holds it (L3).
 
     ``X-Cache`` says which layer answered (``l1``, ``l2``, or ``db``): for people and
     tests watching the caches work.
     """
-    matched = _matching_tag(cached.etag) if request.if_none_match else None
+    matched = matching_tag(request.if_none_match, cached.etag) if request.if_none_match else None
     if matched is not None:
         cache().count("l3", "hit")
         response = Response(status=304)
@@ -128,8 +114,26 @@ def conditional(cached: Cached, layer: str) -> Response:
     return response
 
 
-def cached_get(name: str, key: str, ttl_s: int, load: Callable[[], dict[str, Any]]) -> Response:
-    """A GET answered through L1, L2 and L3; ``load`` builds the body from the database."""
+def cached_get(
+    name: str,
+    key: str,
+    ttl_s: int,
+    load: Callable[[], dict[str, Any]],
+    *,
+    read_feature: int | None = None,
+) -> Response:
+    """A GET answered through L1, L2 and L3; ``load`` builds the body from the database.
+
+    ``read_feature`` counts a read of that feature (the warm task's most-read list). The
+    route is left in the WSGI environ, so ``web.fastpath`` answers the next L1 hit of
+    this URL without Flask.
+    """
+    if read_feature is not None:
+        cache().count_read(read_feature)
+    rule = request.url_rule
+    request.environ[ENVIRON_KEY] = CachedRoute(
+        name, key, rule.rule if rule else request.path, required_scope(), read_feature
+    )
     return conditional(*cache().get(name, key, ttl_s, lambda: serialize(load())))
 
 

@@ -36,7 +36,6 @@ from web.catalog import (
     Points,
     TestCaseListQuery,
     base_url,
-    cache,
     cached_get,
     commit,
     external_id_taken,
@@ -129,12 +128,12 @@ def create_feature() -> Response:
 @requires(TokenScope.READ)
 def get_feature(feature_id: int) -> Response:
     """One feature."""
-    cache().count_read(feature_id)
     return cached_get(
         keys.FEATURE,
         keys.feature_key(feature_id),
         conveyor().settings.cache_item_ttl_s,
         lambda: feature_body(_feature(db_session(), feature_id), base_url()),
+        read_feature=feature_id,
     )
 
 

@@ -21,6 +21,7 @@ from opentelemetry.trace import SpanKind
 from shared import tracing
 from shared.settings import Settings
 from tests.conftest import WorkerProcess, wait_until
+from tests.web.catalog_helpers import clear_cache
 from tests.web.conftest import Tokens, build_app, close_app, queued_message
 from tests.web.test_metrics import metrics_settings  # noqa: F401 - a Redis database of its own
 
@@ -65,6 +66,27 @@ def traced_settings(
 
 def test_unset_endpoint_loads_nothing(settings: Settings) -> None:
     assert tracing.init_tracing(settings, "web") is None
+
+
+def test_every_cached_read_has_its_span(
+    traced_settings: Settings, tokens: Tokens, redis_url: str
+) -> None:
+    """With tracing on, L1 hits go through Flask (web.fastpath is not installed), so each
+    request still has its server span."""
+    clear_cache(redis_url)
+    memory = InMemorySpanExporter()
+    tracing.init_tracing(traced_settings, "web", exporter=memory)
+    app = build_app(traced_settings)
+    try:
+        client = app.test_client()
+        for _ in range(3):
+            assert client.get("/api/v1/features", headers=tokens.read.headers).status_code == 200
+    finally:
+        close_app(app)
+        spans = memory.get_finished_spans()
+        tracing.shutdown_tracing()
+    served = [s.name for s in spans if s.kind == SpanKind.SERVER]
+    assert served == ["GET /api/v1/features"] * 3
 
 
 def test_one_trace_from_request_through_publish_to_task(
