@@ -71,7 +71,11 @@ TARGET_PEAK_OVER_BARE = 0.8
 TARGET_CANARY_OVER_FLOWER = 2.0
 TARGET_JOBS_OVER_RAW = 0.5
 # Offered rates for the open-loop ladders (req/s); a ladder stops at the first failing step.
-PEAK_RATES = (1000, 1500, 2000, 2500, 3000, 3500, 4000, 5000, 6000, 8000, 10000, 12000, 15000)
+# fmt: off
+PEAK_RATES = (
+    1000, 1500, 2000, 2500, 3000, 3500, 4000, 5000, 6000, 8000, 10000, 12000, 15000, 20000, 25000
+)
+# fmt: on
 # The enqueue comparison is a closed-loop ladder of connection counts: at tens of req/s a
 # paced open loop has too few connections to hold its offer.
 ENQUEUE_CONNECTIONS = (1, 2, 4, 8, 16, 32, 64)
