@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import metrics
@@ -59,15 +59,30 @@ class Database:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A session that rolls back on error and always closes; callers commit."""
-        session = self.sessionmaker()
-        try:
-            yield session
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            session.close()
+        """A session that rolls back on error and always closes; callers commit.
+
+        It keeps one pooled connection until it closes (``pinned_session``).
+        """
+        with self.engine.connect() as connection:
+            session = self.pinned_session(connection)
+            try:
+                yield session
+            except BaseException:
+                session.rollback()
+                raise
+            finally:
+                session.close()
+
+    def pinned_session(self, connection: Connection) -> Session:
+        """A session on ``connection``, which its commits and close leave checked out.
+
+        An engine-bound session gives its connection back to the pool at every commit and
+        checks one out again, with ``pool_pre_ping``'s round trip, at its next statement:
+        a canary job (lease, then work and finish) or a job submission (insert, then
+        publish and mark published) paid two checkouts and two pings for one unit of
+        work. The caller closes ``connection`` after the session.
+        """
+        return self.sessionmaker(bind=connection)
 
     def ping(self) -> None:
         """Raise if the database cannot answer a trivial query."""

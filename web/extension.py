@@ -12,7 +12,7 @@ from typing import cast
 
 import redis
 from flask import Flask, current_app, g
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session
 
 from shared.cache import Cache
@@ -90,13 +90,19 @@ def db_session() -> Session:
     """This request's session, opened on first use; callers commit."""
     session: Session | None = g.get("db_session")
     if session is None:
-        session = conveyor().db.sessionmaker()
+        db = conveyor().db
+        # One connection for the request, kept across its commits (Database.pinned_session).
+        g.db_connection = db.engine.connect()
+        session = db.pinned_session(g.db_connection)
         g.db_session = session
     return session
 
 
 def _close_session(_: BaseException | None) -> None:
     session: Session | None = g.pop("db_session", None)
+    connection: Connection | None = g.pop("db_connection", None)
     if session is not None:
-        # close() rolls back anything uncommitted and returns the connection to the pool.
+        # close() rolls back anything uncommitted.
         session.close()
+    if connection is not None:
+        connection.close()  # back to the pool
