@@ -2,9 +2,10 @@
 
 The ``jobs`` row is the source of truth. Its life:
 
-* ``submit`` inserts the row (PENDING), commits, then publishes the task whose id and only
-  argument is the job id. A failed publish leaves the row PENDING and unpublished: the
-  caller answers 503 and the reaper publishes it later, so nothing is silently lost.
+* ``submit`` inserts the row (PENDING, marked published), commits, then publishes the task
+  whose id and only argument is the job id. A failed publish takes the mark back and
+  leaves the row PENDING: the caller answers 503 and the reaper publishes it later, so
+  nothing is silently lost.
 * A worker ``acquire_lease``: one UPDATE that bumps the fencing token and the attempt count
   only if nobody holds a live lease. A second delivery of a running job gets nothing and
   backs off. ``checkpoint`` and ``finish`` only write while the caller's token is current.
@@ -22,12 +23,13 @@ import logging
 import math
 import uuid
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Final, cast
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import Interval, Table, and_, bindparam, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from shared.models import ACTIVE_STATES, FINISHED_STATES, Job, JobState
@@ -84,6 +86,89 @@ def fingerprint(kind: str, params: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+# --- the statements of every job's life, built once ------------------------------------------
+# A job runs through these for each submit, lease and finish: built per call, with the ORM's
+# evaluation of what an UPDATE changed, they cost about a millisecond of CPU each (a canary
+# job's whole worker side is a few). Built once with bound parameters they are compiled
+# once (SQLAlchemy's statement cache) and run without the evaluation: RETURNING refreshes
+# the Job in the session instead (``_REFRESH``).
+# clock_timestamp, not now(): now() is frozen at the start of the caller's transaction.
+_NOW = func.clock_timestamp()
+_JOBS = cast(Table, Job.__table__)
+_REFRESH: Final = {"populate_existing": True, "synchronize_session": False}
+_SUBMITTED_COLUMNS = (
+    "id",
+    "kind",
+    "queue",
+    "state",
+    "owner",
+    "params",
+    "idempotency_key",
+    "request_fingerprint",
+    "max_attempts",
+    "attempts",
+    "publish_count",
+    "cancel_requested",
+    "lease_token",
+)
+_INSERT_ROW = insert(Job).values(
+    {name: bindparam(name, type_=_JOBS.c[name].type) for name in _SUBMITTED_COLUMNS}
+    | {"published_at": _NOW}
+)
+_INSERT = select(Job).from_statement(_INSERT_ROW.returning(Job))
+_INSERT_UNLESS_KEY_USED = select(Job).from_statement(
+    _INSERT_ROW.on_conflict_do_nothing(constraint="uq_jobs_owner_idempotency_key").returning(Job)
+)
+_UNPUBLISHED = (
+    update(Job)
+    .where(Job.id == bindparam("job_id"))
+    .values(published_at=None, publish_count=Job.publish_count - 1)
+    .returning(Job)
+)
+_PUBLISHED = (
+    update(Job)
+    .where(Job.id == bindparam("job_id"))
+    .values(published_at=_NOW, publish_count=Job.publish_count + 1)
+    .returning(Job)
+)
+_ACQUIRE = (
+    update(Job)
+    .where(
+        Job.id == bindparam("job_id"),
+        Job.state.in_([s.value for s in ACTIVE_STATES]),
+        Job.cancel_requested.is_(False),
+        or_(
+            Job.locked_by.is_(None),
+            Job.lease_expires_at < _NOW,
+            Job.locked_by.in_(bindparam("dead_holders", expanding=True)),
+        ),
+    )
+    .values(
+        locked_by=bindparam("holder"),
+        lease_token=Job.lease_token + 1,
+        lease_expires_at=_NOW + bindparam("ttl", type_=Interval()),
+        heartbeat_at=_NOW,
+        attempts=Job.attempts + 1,
+        state=JobState.STARTED.value,
+        started_at=func.coalesce(Job.started_at, _NOW),
+    )
+    .returning(Job)
+)
+_FINISH = (
+    update(_JOBS)
+    .where(_JOBS.c.id == bindparam("job_id"), _JOBS.c.lease_token == bindparam("token"))
+    .values(
+        state=bindparam("state"),
+        result=bindparam("result", type_=_JOBS.c.result.type),
+        error=bindparam("error", type_=_JOBS.c.error.type),
+        finished_at=_NOW,
+        locked_by=None,
+        lease_expires_at=None,
+    )
+    .returning(_JOBS.c.id)
+)
+
+
 @dataclass
 class Submitted:
     job: Job
@@ -126,22 +211,19 @@ def submit(
         "request_fingerprint": digest,
         "max_attempts": max_attempts,
         "attempts": 0,
-        "publish_count": 0,
+        "publish_count": 1,  # and published_at: the insert marks it published (see below)
         "cancel_requested": False,
         "lease_token": 0,
     }
-    stmt = insert(Job).values(**values)
-    if idempotency_key is not None:
-        stmt = stmt.on_conflict_do_nothing(constraint="uq_jobs_owner_idempotency_key")
     # RETURNING the whole row: the new Job comes back loaded, no SELECT after the commit.
-    inserted = session.scalars(stmt.returning(Job)).one_or_none()
+    stmt = _INSERT if idempotency_key is None else _INSERT_UNLESS_KEY_USED
+    inserted = session.scalars(stmt, values).one_or_none()
     if inserted is not None and on_insert is not None:
         # Rows that belong to the job (an import's file and checkpoint) commit with it,
         # before any worker can see the message.
         on_insert(session, job_id)
     session.commit()
-    created = inserted is not None
-    if not created:
+    if inserted is None:
         existing = session.scalar(
             select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key)
         )
@@ -153,11 +235,29 @@ def submit(
         job = existing
         if job.published_at is not None or job.state != JobState.PENDING:
             return Submitted(job, created=False, published=True)
-    else:
-        assert inserted is not None
-        job = inserted
-    publish_job(session, publisher, job, headers=headers)
-    return Submitted(job, created=created, published=True)
+        publish_job(session, publisher, job, headers=headers)
+        return Submitted(job, created=False, published=True)
+    # The insert marked the job published, saving a transaction per job after the publish;
+    # a refused publish takes the mark back. Should this process die between the commit
+    # and the publish, the reaper republishes the job like any lost message: published
+    # longer ago than ``pending_republish_after_s`` and not started, its queue empty.
+    try:
+        publisher.publish(kind, str(job_id), headers=headers)
+    except PublishError:
+        _unmark_published(session, inserted)
+        raise
+    return Submitted(inserted, created=True, published=True)
+
+
+def _unmark_published(session: Session, job: Job) -> None:
+    """A refused publish: the job is unpublished again, for a replay or the reaper."""
+    try:
+        session.scalars(_UNPUBLISHED, {"job_id": job.id}, execution_options=_REFRESH).one()
+        session.commit()
+    except SQLAlchemyError:
+        session.rollback()
+        # Marked published but not: the reaper republishes it once the mark is old enough.
+        log.exception("could not unmark a job whose publish failed", extra={"job_id": str(job.id)})
 
 
 def publish_job(
@@ -166,13 +266,7 @@ def publish_job(
     """Publish ``job``'s task and record when; PublishError leaves the row for the reaper."""
     publisher.publish(job.kind, str(job.id), headers=headers)
     # RETURNING with populate_existing refreshes ``job`` itself: no SELECT after the commit.
-    session.scalars(
-        update(Job)
-        .where(Job.id == job.id)
-        .values(published_at=func.clock_timestamp(), publish_count=Job.publish_count + 1)
-        .returning(Job),
-        execution_options={"populate_existing": True},
-    ).one()
+    session.scalars(_PUBLISHED, {"job_id": job.id}, execution_options=_REFRESH).one()
     session.commit()
 
 
@@ -222,6 +316,9 @@ class Lease:
     token: int
     holder: str
     attempt: int
+    # The row as the acquiring UPDATE returned it. Held here so the session's identity
+    # map (weakly referencing) keeps it: ``session.get(Job, job_id)`` needs no SELECT.
+    job: Job | None = field(default=None, compare=False, repr=False)
 
 
 def acquire_lease(
@@ -238,36 +335,21 @@ def acquire_lease(
     whose workers keep dying (redelivered by ``task_reject_on_worker_lost``) ends with
     ``worker_lost`` after ``max_attempts`` instead of looping.
     """
-    # clock_timestamp, not now(): now() is frozen at the start of the caller's transaction.
-    now = func.clock_timestamp()
-    row = session.execute(
-        update(Job)
-        .where(
-            Job.id == job_id,
-            Job.state.in_([s.value for s in ACTIVE_STATES]),
-            Job.cancel_requested.is_(False),
-            or_(
-                Job.locked_by.is_(None),
-                Job.lease_expires_at < now,
-                Job.locked_by.in_(list(dead_holders)),
-            ),
-        )
-        .values(
-            locked_by=holder,
-            lease_token=Job.lease_token + 1,
-            lease_expires_at=now + timedelta(seconds=ttl_s),
-            heartbeat_at=now,
-            attempts=Job.attempts + 1,
-            state=JobState.STARTED.value,
-            started_at=func.coalesce(Job.started_at, now),
-        )
-        .returning(Job.lease_token, Job.attempts, Job.max_attempts)
+    job = session.scalars(
+        _ACQUIRE,
+        {
+            "job_id": job_id,
+            "dead_holders": list(dead_holders),
+            "holder": holder,
+            "ttl": timedelta(seconds=ttl_s),
+        },
+        execution_options=_REFRESH,
     ).one_or_none()
     session.commit()
-    if row is None:
+    if job is None:
         return None
-    token, attempts, max_attempts = row
-    lease = Lease(job_id=job_id, token=token, holder=holder, attempt=attempts)
+    attempts, max_attempts = job.attempts, job.max_attempts
+    lease = Lease(job_id=job_id, token=job.lease_token, holder=holder, attempt=attempts, job=job)
     if attempts > max_attempts:
         finish(
             session,
@@ -428,17 +510,14 @@ def finish(
     """End the job if the lease is still ours; returns False when it was lost."""
     assert state in FINISHED_STATES
     row = session.execute(
-        update(Job)
-        .where(Job.id == lease.job_id, Job.lease_token == lease.token)
-        .values(
-            state=state.value,
-            result=result,
-            error=error,
-            finished_at=func.clock_timestamp(),
-            locked_by=None,
-            lease_expires_at=None,
-        )
-        .returning(Job.id)
+        _FINISH,
+        {
+            "job_id": lease.job_id,
+            "token": lease.token,
+            "state": state.value,
+            "result": result,
+            "error": error,
+        },
     ).scalar_one_or_none()
     session.commit()
     return row is not None

@@ -75,6 +75,31 @@ def test_publish_failure_keeps_row_and_replay_publishes(
     assert replay.job.published_at is not None
 
 
+def test_a_submitter_dying_before_its_publish_loses_no_job(
+    session: Session, settings: Settings, publisher: Publisher
+) -> None:
+    """The insert marks the job published; a process that dies before the publish leaves
+    it marked but unqueued, and the reaper republishes it as it does a lost message."""
+
+    class DiesBeforePublishing(Publisher):
+        def publish(self, kind: str, job_id: str, headers: dict[str, str] | None = None) -> None:
+            raise SystemExit("killed between the commit and the publish")
+
+    redis.Redis.from_url(settings.redis_url or "").delete("default")
+    with pytest.raises(SystemExit):
+        jobs.submit(session, DiesBeforePublishing(settings), "canary", {}, owner="o1")
+    row = session.scalar(select(Job).where(Job.owner == "o1"))
+    assert row is not None
+    assert row.state == JobState.PENDING
+    assert row.published_at is not None
+    assert _queue_ids(settings) == []
+    # Not before the mark is pending_republish_after_s old: it may still be on its way.
+    assert jobs.reap_stale_jobs(session, publisher, republish_after_s=3600)["republished"] == 0
+    counts = jobs.reap_stale_jobs(session, publisher, republish_after_s=0)
+    assert counts["republished"] == 1
+    assert _queue_ids(settings) == [str(row.id)]
+
+
 def test_second_lease_is_refused_while_first_is_live(
     session: Session, publisher: Publisher
 ) -> None:
