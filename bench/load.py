@@ -423,12 +423,12 @@ class SucceededEvents:
             return max(self.done[i] for i in ids if i in self.done)
 
 
-def _wait(condition: Any, timeout: float, what: str) -> None:
+def _wait(condition: Any, timeout: float, what: str, every_s: float = 0.1) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+        time.sleep(every_s)
 
 
 def run_raw_celery(s: Stack, n: int) -> float:
@@ -472,21 +472,27 @@ def run_canary_jobs(s: Stack, n: int) -> float:
         console.print(f"[yellow]{n - answered.get(202, 0)} of {n} submissions refused: {answered}")
     n = answered.get(202, 0)
 
-    def states() -> dict[str, int]:
-        with s.engine.connect() as conn:
-            rows = conn.execute(
+    # The poller shares the cores with what it measures: one connection (the engine has no
+    # pool: a new connection per poll is a PostgreSQL backend forked per poll) and a few
+    # polls a second. The rate comes from the rows' own times, not from when a poll saw them.
+    with s.engine.connect() as poller:
+
+        def states() -> dict[str, int]:
+            rows = poller.execute(
                 text("SELECT state, count(*) FROM jobs WHERE kind = 'canary' GROUP BY state")
             )
-            return {str(state): int(count) for state, count in rows}
+            counts = {str(state): int(count) for state, count in rows}
+            poller.rollback()  # each poll sees the latest commits
+            return counts
 
-    def finished() -> bool:
-        now = states()  # one query a poll: the poller shares the cores with what it measures
-        return now.get("SUCCESS", 0) + now.get("FAILURE", 0) >= n
+        def finished() -> bool:
+            now = states()
+            return now.get("SUCCESS", 0) + now.get("FAILURE", 0) >= n
 
-    try:
-        _wait(finished, 300, f"{n} canary jobs")
-    except RuntimeError as exc:
-        raise RuntimeError(f"{exc}: jobs by state {states()}") from None
+        try:
+            _wait(finished, 300, f"{n} canary jobs", every_s=0.5)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}: jobs by state {states()}") from None
     with s.engine.connect() as conn:
         first, last, ok = conn.execute(
             text(
