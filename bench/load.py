@@ -73,7 +73,8 @@ TARGET_JOBS_OVER_RAW = 0.5
 # Offered rates for the open-loop ladders (req/s); a ladder stops at the first failing step.
 # fmt: off
 PEAK_RATES = (
-    1000, 1500, 2000, 2500, 3000, 3500, 4000, 5000, 6000, 8000, 10000, 12000, 15000, 20000, 25000
+    1000, 1500, 2000, 2500, 3000, 3500, 4000, 5000, 6000, 8000, 10000, 12000, 15000, 20000, 25000,
+    30000, 40000, 50000, 60000,
 )
 # fmt: on
 # The enqueue comparison is a closed-loop ladder of connection counts: at tens of req/s a

@@ -4,6 +4,7 @@ Three layers, outermost last:
 
 * **L1, process memory**: a ``cachetools`` LRU of serialized responses (and, for
   ``web.auth``, of authenticated tokens), each entry good for ``cache_local_ttl_s``.
+  ``web.fastpath`` answers GETs whose body and token are here before Flask runs.
 * **L2, Redis**: ``feature:{id}``, ``test_case:{id}`` (``cache_item_ttl_s``) and
   ``features:list:{page}:{page_size}:{status}``,
   ``test_cases:list:{feature}:{page}:{page_size}:{status}`` (``cache_list_ttl_s``), each
