@@ -235,6 +235,18 @@ def mark_dead(pid: int, path: Path | None = None) -> None:
         mark_process_dead(pid, str(path))  # type: ignore[no-untyped-call]
 
 
+def forget_dead_processes(path: Path) -> None:
+    """Drop the live gauges of every process in ``path`` that is gone.
+
+    gunicorn's ``child_exit`` hook does it for the workers it sees exit; granian respawns
+    a dead worker without a hook, so ``process_registry`` does it before each scrape.
+    """
+    for file in path.glob("gauge_live*_*.db"):
+        pid = file.stem.rpartition("_")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            mark_dead(int(pid), path)
+
+
 def instance_dir(base: Path, role: str, pid: int | None = None) -> Path:
     """``base/<role>-<host>-<pid>``: one server's directory, unique on a shared volume."""
     return base / f"{role}-{socket.gethostname()}-{pid or os.getpid()}"
@@ -281,6 +293,7 @@ def process_registry() -> CollectorRegistry:
     path = _multiprocess_dir
     if path is None:
         return REGISTRY
+    forget_dead_processes(path)
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(path))  # type: ignore[no-untyped-call]
     return registry

@@ -3,18 +3,22 @@
 What is proven: the exposition parses (prometheus-client's parser) and passes ``promtool
 check metrics``; ``celery_queue_length`` equals the sum of every Redis list of a queue,
 priority sub-lists included; ``celery_worker_up`` drops to 0 after the worker is
-SIGKILLed; counters from three gunicorn workers add up exactly; label sets stay bounded
-after 1000 jobs, and the queue wait of every one of them is counted once across prefork
-children; ``/metrics`` answers loopback or the token only.
+SIGKILLed; counters from three gunicorn workers add up exactly; a SIGKILLed web
+worker's pool connections leave ``conveyor_db_pool_connections`` (granian and gunicorn);
+label sets stay bounded after 1000 jobs, and the queue wait of every one of them is
+counted once across prefork children; ``/metrics`` answers loopback or the token only.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +28,7 @@ import redis
 import requests
 from flask import Flask
 from prometheus_client import generate_latest
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
@@ -294,6 +299,65 @@ def test_counters_of_every_worker_add_up_and_go_with_the_server(
         count = value(samples, "conveyor_http_request_duration_seconds_count", route="/readyz")
         assert count == sent
     assert not list(metrics_dir.glob("web-*"))
+
+
+@pytest.mark.parametrize("server", WEB_SERVERS)
+def test_a_killed_workers_pool_connections_stop_counting(
+    metrics_settings: Settings, committed_db: Database, tokens: Tokens, tmp_path: Path, server: str
+) -> None:
+    """``conveyor_db_pool_connections`` sums live processes only: a SIGKILLed worker's
+    connections leave the sum once the server has replaced it (gunicorn's hook; for
+    granian, which has none, the scrape itself)."""
+    metrics_dir = metrics_settings.metrics_path
+    with run_web(
+        metrics_settings,
+        tmp_path / "web.log",
+        server,
+        workers=2,
+        CONVEYOR_METRICS_DIR=str(metrics_dir),
+    ) as url:
+
+        def live_files() -> list[Path]:
+            return sorted(metrics_dir.glob("web-*/gauge_livesum_*.db"))
+
+        def held(file: Path) -> float:
+            return sum(
+                v
+                for key, v, *_ in MmapedDict.read_all_values_from_file(str(file))
+                if json.loads(key)[0] == "conveyor_db_pool_connections"
+            )
+
+        def pool_total() -> float:
+            samples = parse(requests.get(f"{url}/metrics", timeout=5).text)
+            return value(samples, "conveyor_db_pool_connections")
+
+        sent = 0
+        # Fresh connections until both workers hold a pooled connection. (A connection goes
+        # back to the pool at the request's teardown, after the answer: hence the wait.)
+        while len(live_files()) < 2 or not all(held(f) >= 1 for f in live_files()):
+            response = requests.get(
+                f"{url}/api/v1/jobs",
+                timeout=5,
+                headers={**tokens.read.headers, "Connection": "close"},
+            )
+            assert response.status_code == 200
+            sent += 1
+            assert sent < 3000, f"one {server} worker answered every request"
+            time.sleep(0.01)
+        victim = live_files()[0]
+        pid = int(victim.stem.rpartition("_")[2])
+        before, dead = pool_total(), held(victim)
+        os.kill(pid, signal.SIGKILL)
+
+        def settled() -> bool:
+            # The scrape comes first: for granian it is what forgets the dead worker.
+            try:
+                total = pool_total()
+            except requests.ConnectionError:  # a connection the dead worker had accepted
+                return False
+            return total == before - dead and not victim.exists()
+
+        wait_until(settled, timeout=20)
 
 
 @pytest.mark.slow
