@@ -25,10 +25,8 @@ methods, ``HEAD``, ``Range``, a missing or uncached token, an expired entry all 
 
 from __future__ import annotations
 
-import re
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -43,10 +41,10 @@ from shared import metrics
 from shared.cache import TOKENS, Cache, Cached
 from shared.models import TokenScope
 from shared.tokens import Principal, hash_token
+from web.request_ids import HEADER as REQUEST_ID_HEADER
+from web.request_ids import request_id_for
 
 ENVIRON_KEY = "conveyor.cached_route"
-HEADER_REQUEST_ID = "X-Request-ID"
-_ACCEPTABLE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 # Conditions this layer does not evaluate; Flask (werkzeug) does.
 _DEFER_HEADERS = ("HTTP_RANGE", "HTTP_IF_MATCH", "HTTP_IF_MODIFIED_SINCE", "HTTP_IF_RANGE")
 _ENCODINGS_REMEMBERED = 256
@@ -167,8 +165,7 @@ class FastPath:
         etag = cached.etag if encoding is None else f'{cached.etag[:-1]}:{encoding}"'
         conditional = environ.get("HTTP_IF_NONE_MATCH")
         matched = matching_tag(parse_etags(conditional), cached.etag) if conditional else None
-        offered = environ.get("HTTP_X_REQUEST_ID", "")
-        request_id = offered if _ACCEPTABLE_ID.fullmatch(offered) else uuid.uuid4().hex
+        request_id = request_id_for(environ.get("HTTP_X_REQUEST_ID", ""))
         if matched is not None:
             status, body = "304 NOT MODIFIED", b""
             headers = [("ETag", matched)]
@@ -183,7 +180,7 @@ class FastPath:
             ("Cache-Control", config.cache_control),
             ("X-Cache", "l1"),
             ("Vary", "Accept-Encoding"),
-            (HEADER_REQUEST_ID, request_id),
+            (REQUEST_ID_HEADER, request_id),
         ]
         start_response(status, headers)
         with self._lock:

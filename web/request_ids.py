@@ -26,9 +26,13 @@ def current_request_id() -> str:
     return request_id
 
 
+def request_id_for(offered: str) -> str:
+    """The id a request offering ``offered`` (maybe empty) gets: that one if tame, or new."""
+    return offered if _ACCEPTABLE.fullmatch(offered) else uuid.uuid4().hex
+
+
 def _begin() -> None:
-    offered = request.headers.get(HEADER, "")
-    g.request_id = offered if _ACCEPTABLE.fullmatch(offered) else uuid.uuid4().hex
+    g.request_id = request_id_for(request.headers.get(HEADER, ""))
     stack = ExitStack()
     stack.enter_context(bind_context(request_id=g.request_id))
     g.request_log_context = stack
