@@ -131,7 +131,9 @@ _PUBLISHED = (
     .values(published_at=_NOW, publish_count=Job.publish_count + 1)
     .returning(Job)
 )
-_ACQUIRE = (
+# As a SELECT from the UPDATE: the row loads like a query's, without the ORM's bulk-UPDATE
+# bookkeeping (a fifth of the lease's CPU).
+_ACQUIRE = select(Job).from_statement(
     update(Job)
     .where(
         Job.id == bindparam("job_id"),
