@@ -44,6 +44,9 @@ from shared.tokens import Principal, hash_token
 from web.request_ids import HEADER as REQUEST_ID_HEADER
 from web.request_ids import request_id_for
 
+# _choose_algorithm and _compress_data are flask-compress's own choice of encoding and its
+# compressor, so both paths agree (private names: the version is pinned in pyproject.toml,
+# and tests/web/test_fastpath.py compares the two paths' answers).
 ENVIRON_KEY = "conveyor.cached_route"
 # Conditions this layer does not evaluate; Flask (werkzeug) does.
 _DEFER_HEADERS = ("HTTP_RANGE", "HTTP_IF_MATCH", "HTTP_IF_MODIFIED_SINCE", "HTTP_IF_RANGE")
