@@ -7,6 +7,7 @@ variables bound by ``bind_context`` (request id in web, job and task id in worke
 
 from __future__ import annotations
 
+import functools
 import logging
 import logging.config
 import sys
@@ -22,10 +23,17 @@ from shared.settings import Settings
 _REDACT = frozenset({"authorization", "token", "password", "secret", "pepper", "cookie"})
 
 
+@functools.lru_cache(maxsize=4096)
+def _is_secret(key: str) -> bool:
+    # Remembered per key: a line carries about ten keys, nearly always the same ones, and
+    # this test was a quarter of a log line's cost.
+    lowered = key.lower()
+    return any(word in lowered for word in _REDACT)
+
+
 def _redact(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-    for key in list(event_dict):
-        if any(word in key.lower() for word in _REDACT):
-            event_dict[key] = "[redacted]"
+    for key in [k for k in event_dict if _is_secret(k)]:
+        event_dict[key] = "[redacted]"
     return event_dict
 
 
