@@ -32,6 +32,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from shared.db import autocommit
 from shared.models import ACTIVE_STATES, FINISHED_STATES, Job, JobState
 from shared.queue import KINDS, Publisher, PublishError
 
@@ -219,12 +220,16 @@ def submit(
     }
     # RETURNING the whole row: the new Job comes back loaded, no SELECT after the commit.
     stmt = _INSERT if idempotency_key is None else _INSERT_UNLESS_KEY_USED
-    inserted = session.scalars(stmt, values).one_or_none()
-    if inserted is not None and on_insert is not None:
-        # Rows that belong to the job (an import's file and checkpoint) commit with it,
-        # before any worker can see the message.
-        on_insert(session, job_id)
-    session.commit()
+    if on_insert is None:
+        with autocommit(session):
+            inserted = session.scalars(stmt, values).one_or_none()
+    else:
+        inserted = session.scalars(stmt, values).one_or_none()
+        if inserted is not None:
+            # Rows that belong to the job (an import's file and checkpoint) commit with it,
+            # before any worker can see the message.
+            on_insert(session, job_id)
+        session.commit()
     if inserted is None:
         existing = session.scalar(
             select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key)
@@ -254,8 +259,8 @@ def submit(
 def _unmark_published(session: Session, job: Job) -> None:
     """A refused publish: the job is unpublished again, for a replay or the reaper."""
     try:
-        session.scalars(_UNPUBLISHED, {"job_id": job.id}, execution_options=_REFRESH).one()
-        session.commit()
+        with autocommit(session):
+            session.scalars(_UNPUBLISHED, {"job_id": job.id}, execution_options=_REFRESH).one()
     except SQLAlchemyError:
         session.rollback()
         # Marked published but not: the reaper republishes it once the mark is old enough.
@@ -268,8 +273,8 @@ def publish_job(
     """Publish ``job``'s task and record when; PublishError leaves the row for the reaper."""
     publisher.publish(job.kind, str(job.id), headers=headers)
     # RETURNING with populate_existing refreshes ``job`` itself: no SELECT after the commit.
-    session.scalars(_PUBLISHED, {"job_id": job.id}, execution_options=_REFRESH).one()
-    session.commit()
+    with autocommit(session):
+        session.scalars(_PUBLISHED, {"job_id": job.id}, execution_options=_REFRESH).one()
 
 
 def get_job(session: Session, job_id: uuid.UUID, owner: str | None = None) -> Job | None:
@@ -337,17 +342,17 @@ def acquire_lease(
     whose workers keep dying (redelivered by ``task_reject_on_worker_lost``) ends with
     ``worker_lost`` after ``max_attempts`` instead of looping.
     """
-    job = session.scalars(
-        _ACQUIRE,
-        {
-            "job_id": job_id,
-            "dead_holders": list(dead_holders),
-            "holder": holder,
-            "ttl": timedelta(seconds=ttl_s),
-        },
-        execution_options=_REFRESH,
-    ).one_or_none()
-    session.commit()
+    with autocommit(session):
+        job = session.scalars(
+            _ACQUIRE,
+            {
+                "job_id": job_id,
+                "dead_holders": list(dead_holders),
+                "holder": holder,
+                "ttl": timedelta(seconds=ttl_s),
+            },
+            execution_options=_REFRESH,
+        ).one_or_none()
     if job is None:
         return None
     attempts, max_attempts = job.attempts, job.max_attempts
@@ -511,17 +516,17 @@ def finish(
 ) -> bool:
     """End the job if the lease is still ours; returns False when it was lost."""
     assert state in FINISHED_STATES
-    row = session.execute(
-        _FINISH,
-        {
-            "job_id": lease.job_id,
-            "token": lease.token,
-            "state": state.value,
-            "result": result,
-            "error": error,
-        },
-    ).scalar_one_or_none()
-    session.commit()
+    with autocommit(session):
+        row = session.execute(
+            _FINISH,
+            {
+                "job_id": lease.job_id,
+                "token": lease.token,
+                "state": state.value,
+                "result": result,
+                "error": error,
+            },
+        ).scalar_one_or_none()
     return row is not None
 
 

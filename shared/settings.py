@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     db_pool_timeout_s: float = 10.0
     db_pool_recycle_s: int = 1800
     db_pool_pre_ping: bool = True  # test a pooled connection before use (survives DB restarts)
+    # ... unless it was in use less than this long ago (HikariCP's aliveBypassWindowMs, 500
+    # ms): under load a connection goes back and forth in milliseconds, and the test is a
+    # round trip per checkout. 0 tests at every checkout.
+    db_pool_ping_after_idle_s: float = 0.5
     db_statement_timeout_ms: int = 30_000
 
     # Celery / jobs.

@@ -95,7 +95,8 @@ def submit_and_respond(
             idempotency_key=key,
             max_attempts=ext.settings.job_max_attempts,
             headers={"request_id": current_request_id()},
-            on_insert=insert_hook,
+            # Without a hook the insert commits on its own (jobs.submit).
+            on_insert=insert_hook if on_insert or on_discard else None,
         )
     except jobs.IdempotencyMismatch as exc:
         raise Unprocessable.field(

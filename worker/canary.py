@@ -8,6 +8,7 @@ from typing import Any
 from celery import Task
 from sqlalchemy import text
 
+from shared.db import autocommit
 from worker.tasks import JobContext, execute_job, holder_id, job_task
 
 
@@ -19,7 +20,8 @@ def run_canary(ctx: JobContext) -> dict[str, Any]:
         enqueued = job.published_at or job.created_at
         queue_wait_ms = round((job.started_at - enqueued).total_seconds() * 1000, 2)
     t0 = time.perf_counter()
-    ctx.session.execute(text("SELECT 1"))
+    with autocommit(ctx.session):
+        ctx.session.execute(text("SELECT 1"))
     db_ms = (time.perf_counter() - t0) * 1000
     sleep_s = float(job.params.get("sleep_s", 0))
     steps = max(1, int(sleep_s * 10))
