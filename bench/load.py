@@ -86,6 +86,7 @@ PEAK_RATES = (
 # The enqueue comparison is a closed-loop ladder of connection counts: at tens of req/s a
 # paced open loop has too few connections to hold its offer.
 ENQUEUE_CONNECTIONS = (1, 2, 4, 8, 16, 32, 64)
+WARM_UP_CONNECTIONS = 16  # more than any layout's server threads
 SEED_FEATURES = 10_000
 LIST_PATH = "/api/v1/features?page=1&page_size=20"
 
@@ -539,17 +540,33 @@ def run_jobs(s: Stack, quick: bool) -> dict[str, Any]:
     flower_base = f"http://127.0.0.1:{s.settings.flower_port}"
     basic = f"{s.settings.flower_user}:{s.settings.secret('flower_password')}"
     wait_http_ok(flower_base + "/healthcheck", flower)
+    canary_request: dict[str, Any] = {
+        "url": s.base + "/api/v1/canaries",
+        "method": "POST",
+        "headers": _auth(s),
+        "body": "{}",
+    }
+    flower_request: dict[str, Any] = {
+        "url": flower_base + "/api/task/async-apply/conveyor.canary.run",
+        "method": "POST",
+        "body": json.dumps({"args": [str(uuid.uuid4())]}),
+        "basic_auth": basic,
+    }
+    # A warm-up for each: the first requests of each server thread open its database and
+    # Redis connections (tens of ms each here), a handful of slow answers that would be
+    # the p99 of the one-connection step.
+    rate_step(rate=0, seconds=2, closed=WARM_UP_CONNECTIONS, **canary_request)
+    _purge(s.settings)
     canary = climb(
         "POST /api/v1/canaries",
         ENQUEUE_CONNECTIONS,
         seconds,
         ENQUEUE_P99_S,
         closed=True,
-        url=s.base + "/api/v1/canaries",
-        method="POST",
-        headers=_auth(s),
-        body="{}",
+        **canary_request,
     )
+    _purge(s.settings)
+    rate_step(rate=0, seconds=2, closed=WARM_UP_CONNECTIONS, **flower_request)
     _purge(s.settings)
     flower_ladder = climb(
         "Flower async-apply",
@@ -557,10 +574,7 @@ def run_jobs(s: Stack, quick: bool) -> dict[str, Any]:
         seconds,
         ENQUEUE_P99_S,
         closed=True,
-        url=flower_base + "/api/task/async-apply/conveyor.canary.run",
-        method="POST",
-        body=json.dumps({"args": [str(uuid.uuid4())]}),
-        basic_auth=basic,
+        **flower_request,
     )
     _purge(s.settings)
     s.stop(flower)
