@@ -38,9 +38,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
-from sqlalchemy.pool import NullPool
 
 from bench import datagen
 from bench.processes import Child, RssSampler, child_env, wait_http_ok, wait_log
@@ -138,7 +136,7 @@ def _index_defs(engine: Engine, table: str) -> list[str]:
 
 def _cpu_sampler(services: BenchServices, **extra: Callable[[], list[int]]) -> RssSampler:
     """A sampler of CPU time: the bench database's backends (if local), plus ``extra``."""
-    backends = _backend_pids(services)
+    backends = services.backend_pids()
     return RssSampler({}, {**({"postgres": backends} if backends else {}), **extra})
 
 
@@ -350,7 +348,7 @@ def run_conveyor(
             wait_log(worker, b" ready.")
         _checkpoint(engine)
         timeline: list[tuple[float, str, Any]] = []
-        backends = _backend_pids(services)
+        backends = services.backend_pids()
         extra = {"postgres": backends} if backends else {}
         load = os.getloadavg()[0]
         with RssSampler({"web": [web], "worker": workers}, extra) as sampler:
@@ -410,33 +408,6 @@ def run_conveyor(
             "timeline": timeline,
         },
     )
-
-
-def _backend_pids(services: BenchServices) -> Callable[[], list[int]] | None:
-    """The pids of the PostgreSQL backends serving the bench database, if the server is local.
-
-    A remote server's pids mean nothing here (and may name an unrelated local process).
-    """
-    if make_url(services.database_url).host not in ("127.0.0.1", "localhost", "::1"):
-        return None
-    engine = create_engine(services.database_url, poolclass=NullPool)
-    query = text(
-        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-        "AND pid <> pg_backend_pid()"
-    )
-    last: list[int] = []
-    last_at = 0.0
-
-    def pids() -> list[int]:
-        nonlocal last, last_at
-        # Backends come and go rarely (pools); asking twice a second is plenty.
-        if time.monotonic() - last_at > 0.5:
-            with engine.connect() as conn:
-                last = [int(p) for p in conn.execute(query).scalars()]
-            last_at = time.monotonic()
-        return last
-
-    return pids
 
 
 def _find(body: dict[str, Any], key: str) -> Any:

@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,7 +53,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from bench.processes import Child, child_env, free_port, wait_http_ok, wait_log
+from bench.processes import Child, RssSampler, child_env, free_port, wait_http_ok, wait_log
 from bench.services import BenchServices, bench_services
 from shared.cli import flower_command, flower_env, web_command, worker_command
 from shared.models import TokenScope
@@ -230,6 +230,8 @@ class Stack:
     env: dict[str, str]
     log_dir: Path
     children: list[Child] = field(default_factory=list)
+    # The servers' pids (PostgreSQL backends of the bench database, Redis), if local.
+    service_pids: dict[str, Callable[[], list[int]]] = field(default_factory=dict)
 
     def start(self, child: Child) -> Child:
         self.children.append(child)
@@ -257,6 +259,9 @@ def stack(services: BenchServices, web: str, log_dir: Path) -> Iterator[Stack]:
     _seed_features(engine)
     env = child_env(settings)
     s = Stack(settings, token, f"http://127.0.0.1:{settings.web_port}", engine, env, log_dir)
+    for name, pids in (("postgres", services.backend_pids()), ("redis", services.redis_pids())):
+        if pids is not None:
+            s.service_pids[name] = pids
     try:
         web_child = s.start(
             Child(
@@ -439,6 +444,21 @@ def _wait(condition: Any, timeout: float, what: str, every_s: float = 0.1) -> No
         time.sleep(every_s)
 
 
+def cpu_sampler(s: Stack, worker: Child, load: list[int]) -> RssSampler:
+    """CPU time of every process on the job path: web, worker, the servers, and the load
+    generator (this process, which publishes raw tasks and polls, plus the pids in
+    ``load``, filled in as a generator starts)."""
+    web = [child for child in s.children if child.name == "web"]
+    own = os.getpid()
+    extra = {**s.service_pids, "load generator": lambda: [own, *load]}
+    return RssSampler({"web": web, "worker": [worker]}, extra)
+
+
+def cpu_ms_per_job(sampler: RssSampler, n: int) -> dict[str, float]:
+    """CPU milliseconds per job, by process role (a worker's master and pool children)."""
+    return {k: round(v * 1000 / n, 2) for k, v in sampler.cpu_seconds(by_role=True).items() if v}
+
+
 def run_raw_celery(s: Stack, n: int) -> float:
     """No-op tasks/s: publish ``n`` and time until the worker reports the last one done."""
     app = _celery(s.settings)
@@ -458,10 +478,11 @@ def run_raw_celery(s: Stack, n: int) -> float:
         return n / (events.last(ids) - started)
 
 
-def run_canary_jobs(s: Stack, n: int) -> float:
+def run_canary_jobs(s: Stack, n: int, load: list[int] | None = None) -> float:
     """Canary jobs/s from the first HTTP submit to the last SUCCESS (the job rows' times).
 
-    Counts the jobs the API accepted (202); refused submissions are printed.
+    Counts the jobs the API accepted (202); refused submissions are printed. The load
+    generator's pid goes into ``load`` while it runs.
     """
     with s.engine.begin() as conn:
         conn.execute(text("DELETE FROM jobs WHERE kind = 'canary'"))
@@ -472,12 +493,17 @@ def run_canary_jobs(s: Stack, n: int) -> float:
     auth = f"Authorization: Bearer {s.token}"
     n -= n % 32  # hey sends n // c requests per connection: a multiple of c is sent whole
     argv = ["hey", "-n", str(n), "-c", "32", "-m", "POST", "-T", "application/json", "-d", "{}"]
-    out = subprocess.run(
+    hey = subprocess.Popen(
         [*argv, "-H", auth, s.base + "/api/v1/canaries"],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        check=True,
-    ).stdout
+    )
+    if load is not None:
+        load.append(hey.pid)
+    out, err = hey.communicate()
+    if hey.returncode:
+        raise subprocess.CalledProcessError(hey.returncode, hey.args, out, err)
     answered = {int(code): int(count) for code, count in _HEY_STATUS.findall(out)}
     if answered.get(202, 0) != n:
         # Every refused submission is a finding, not a detail: show it and go on with the rest.
@@ -596,11 +622,22 @@ def run_jobs(s: Stack, quick: bool) -> dict[str, Any]:
     rounds: list[dict[str, float]] = []
     for i in range(1 if quick else JOB_ROUNDS):
         console.print(f"  {n} jobs, round {i + 1}: raw Celery no-op ...", end=" ")
-        raw = run_raw_celery(s, n)
+        with cpu_sampler(s, worker, []) as raw_cpu:
+            raw = run_raw_celery(s, n)
         console.print(f"{raw:,.0f}/s; canaries ...", end=" ")
-        jobs = run_canary_jobs(s, n)
+        load: list[int] = []
+        with cpu_sampler(s, worker, load) as canary_cpu:
+            jobs = run_canary_jobs(s, n, load)
         console.print(f"{jobs:,.0f}/s; ratio {jobs / raw:.2f}")
-        rounds.append({"raw": round(raw, 1), "canary": round(jobs, 1), "ratio": jobs / raw})
+        rounds.append(
+            {
+                "raw": round(raw, 1),
+                "canary": round(jobs, 1),
+                "ratio": jobs / raw,
+                "raw_cpu_ms_per_job": cpu_ms_per_job(raw_cpu, n),
+                "canary_cpu_ms_per_job": cpu_ms_per_job(canary_cpu, n),
+            }
+        )
     s.stop(worker)
     return {
         "canary_enqueue": asdict(canary.peak) if canary.peak else None,
@@ -766,11 +803,42 @@ def print_jobs(result: dict[str, Any]) -> dict[str, Any]:
         f"≥ {TARGET_JOBS_OVER_RAW} {_mark(jobs_ratio >= TARGET_JOBS_OVER_RAW)}",
     )
     console.print(table)
+    print_job_cpu(result["job_rounds"])
     return {
         "enqueue_ratio": None if not flower else round(enqueue_ratio, 3),
         "enqueue_best_ratio": round(best_ratio, 3),
         "jobs_ratio": round(jobs_ratio, 3),
     }
+
+
+def print_job_cpu(rounds: list[dict[str, Any]]) -> None:
+    """Where a job's CPU goes, per process, for raw Celery and for canary jobs.
+
+    On two cores every process of the path shares the same CPU, so the jobs/s ratio is
+    roughly the inverse ratio of the totals; the rows say which process makes the gap.
+    """
+    sides = {"raw": "raw_cpu_ms_per_job", "canary": "canary_cpu_ms_per_job"}
+    if not rounds or sides["raw"] not in rounds[0]:
+        return
+    roles = sorted({role for r in rounds for key in sides.values() for role in r[key]})
+    table = Table(title=f"CPU ms per job, by process (median of {len(rounds)} rounds)")
+    for col in ("process", "raw Celery no-op", "canary job", "canary - raw"):
+        table.add_column(col, justify="right")
+    totals = dict.fromkeys(sides, 0.0)
+    for role in roles:
+        row = {
+            side: statistics.median(r[key].get(role, 0.0) for r in rounds)
+            for side, key in sides.items()
+        }
+        for side in sides:
+            totals[side] += row[side]
+        table.add_row(role, *_cpu_cells(row["raw"], row["canary"]))
+    table.add_row("all", *_cpu_cells(totals["raw"], totals["canary"]))
+    console.print(table)
+
+
+def _cpu_cells(raw: float, canary: float) -> tuple[str, str, str]:
+    return f"{raw:.2f}", f"{canary:.2f}", f"{canary - raw:+.2f}"
 
 
 # --- entry points --------------------------------------------------------------------------------

@@ -178,6 +178,7 @@ class RssSampler:
     seconds: float = 0.0
     _cpu_start: dict[int, float] = field(default_factory=dict)
     _cpu_last: dict[str, dict[int, float]] = field(default_factory=dict)
+    _roles: dict[int, str] = field(default_factory=dict)  # pid → "master" | "child"
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _started: float = 0.0
@@ -186,12 +187,14 @@ class RssSampler:
         self.peaks = {name: GroupPeak() for name in self.groups}
         self._cpu_last = {name: {} for name in (*self.groups, *self.extra)}
 
-    def _cpu(self, group: str, proc: psutil.Process) -> None:
+    def _cpu(self, group: str, proc: psutil.Process, role: str = "") -> None:
         times = proc.cpu_times()
         used = times.user + times.system
         if self.samples == 0:
             self._cpu_start[proc.pid] = used
         self._cpu_last[group][proc.pid] = used
+        if role:
+            self._roles[proc.pid] = role
 
     def _sample(self) -> None:
         for name, children in self.groups.items():
@@ -205,7 +208,7 @@ class RssSampler:
                         rss = proc.memory_info().rss / MB
                         role = "master" if master else "child"
                         label = f"{child.name}:{proc.pid}:{role}"
-                        self._cpu(name, proc)
+                        self._cpu(name, proc, role)
                     except psutil.Error:
                         continue
                     count += 1
@@ -220,12 +223,22 @@ class RssSampler:
                         self._cpu(name, psutil.Process(pid))
         self.samples += 1
 
-    def cpu_seconds(self) -> dict[str, float]:
-        """CPU seconds (user + system) each group used while sampled."""
-        return {
-            name: round(sum(v - self._cpu_start.get(pid, 0.0) for pid, v in last.items()), 2)
-            for name, last in self._cpu_last.items()
-        }
+    def cpu_seconds(self, *, by_role: bool = False) -> dict[str, float]:
+        """CPU seconds (user + system) each group used while sampled.
+
+        ``by_role``: a group of started children is split into its masters and the
+        processes they forked ("worker master", "worker child"; a web server's workers).
+        """
+        used: dict[str, float] = {}
+        for name, last in self._cpu_last.items():
+            for pid, value in last.items():
+                role = self._roles.get(pid, "") if by_role else ""
+                key = f"{name} {role}" if role else name
+                used[key] = used.get(key, 0.0) + value - self._cpu_start.get(pid, 0.0)
+        for name in self._cpu_last:  # a group that showed no process still answers 0
+            if not by_role or name not in self.groups:
+                used.setdefault(name, 0.0)
+        return {key: round(value, 3) for key, value in used.items()}
 
     def _run(self) -> None:
         while not self._stop.is_set():

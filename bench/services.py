@@ -15,8 +15,9 @@ import contextlib
 import importlib.util
 import shutil
 import tempfile
+import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import psycopg2
 import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 from bench.processes import free_port
 from shared.db import normalize_url
@@ -63,6 +65,46 @@ class BenchServices:
             web_port=free_port(),
             **extra,
         )
+
+    def backend_pids(self) -> Callable[[], list[int]] | None:
+        """The pids of the PostgreSQL backends serving the bench database, if the server is
+        local. A remote server's pids mean nothing here (and may name an unrelated process).
+        """
+        if not _local(self.database_url):
+            return None
+        engine = create_engine(self.database_url, poolclass=NullPool)
+        query = text(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid()"
+        )
+        last: list[int] = []
+        last_at = 0.0
+
+        def pids() -> list[int]:
+            nonlocal last, last_at
+            # Backends come and go rarely (pools); asking twice a second is plenty.
+            if time.monotonic() - last_at > 0.5:
+                with engine.connect() as conn:
+                    last = [int(p) for p in conn.execute(query).scalars()]
+                last_at = time.monotonic()
+            return last
+
+        return pids
+
+    def redis_pids(self) -> Callable[[], list[int]] | None:
+        """The Redis server's pid, if the server is local (Redis serves from one thread)."""
+        if not _local(self.redis_url):
+            return None
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            pid = int(client.info("server")["process_id"])
+        finally:
+            client.close()
+        return lambda: [pid]
+
+
+def _local(url: str) -> bool:
+    return make_url(url).host in ("127.0.0.1", "localhost", "::1")
 
 
 def _libpq(url: str) -> str:
