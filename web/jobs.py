@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import ColumnElement, func, select
 
 from shared import jobs
+from shared.db import autocommit
 from shared.models import Job, JobState, TokenScope
 from shared.pages import page_body
 from shared.queue import KINDS
@@ -95,7 +96,11 @@ def _visible_job(raw_id: str) -> Job:
 @requires(TokenScope.READ)
 def get_job(job_id: str) -> Response:
     """A job's state, progress, result or error."""
-    return _no_store(jsonify(job_body(_visible_job(job_id))))
+    # What pollers call most: one statement, outside a transaction (no BEGIN and ROLLBACK
+    # round trips around it; shared.db.autocommit).
+    with autocommit(db_session()):
+        job = _visible_job(job_id)
+    return _no_store(jsonify(job_body(job)))
 
 
 class JobListQuery(BaseModel):
@@ -126,15 +131,19 @@ def list_jobs() -> Response:
     if q.state is not None:
         conditions.append(Job.state == q.state.value)
     session = db_session()
-    total = session.scalar(select(func.count()).select_from(Job).where(*conditions)) or 0
-    # id breaks created_at ties (one transaction's rows share now()), so pages never overlap.
-    rows = session.scalars(
-        select(Job)
-        .where(*conditions)
-        .order_by(Job.created_at.desc(), Job.id.desc())
-        .offset((q.page - 1) * q.page_size)
-        .limit(q.page_size)
-    ).all()
+    # Each statement on its own: under READ COMMITTED a transaction around the two would
+    # not give them one snapshot either, only two more round trips (BEGIN, ROLLBACK).
+    with autocommit(session):
+        total = session.scalar(select(func.count()).select_from(Job).where(*conditions)) or 0
+        # id breaks created_at ties (one transaction's rows share now()), so pages never
+        # overlap.
+        rows = session.scalars(
+            select(Job)
+            .where(*conditions)
+            .order_by(Job.created_at.desc(), Job.id.desc())
+            .offset((q.page - 1) * q.page_size)
+            .limit(q.page_size)
+        ).all()
 
     filters = {k: v for k, v in {"kind": q.kind, "state": q.state}.items() if v is not None}
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import func
+from psycopg2.extensions import TRANSACTION_STATUS_IDLE
+from sqlalchemy import event, func
 
 from shared.db import Database
 from shared.models import Job, JobState
@@ -55,6 +58,32 @@ def test_get_job_answers_the_row(
     created = datetime.fromisoformat(body["created_at"])
     assert body["created_at"].endswith("Z")
     assert created.utcoffset() == timedelta(0)
+
+
+def test_reading_jobs_opens_no_transaction(
+    app: Flask, client: FlaskClient, tokens: Tokens, committed_db: Database
+) -> None:
+    """A status poll is one round trip: its SELECT runs outside a transaction, so psycopg2
+    sends no BEGIN before it and the request's end no ROLLBACK after it (the list too)."""
+    job_id = insert_job(committed_db, owner=tokens.write.id)
+    engine = app.extensions["conveyor"].db.engine
+    after_select: list[int] = []
+
+    def record(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if "FROM jobs" in statement:
+            after_select.append(conn.connection.dbapi_connection.get_transaction_status())
+
+    event.listen(engine, "after_cursor_execute", record)
+    try:
+        assert client.get(f"/api/v1/jobs/{job_id}", headers=tokens.write.headers).status_code == 200
+        missing = f"/api/v1/jobs/{uuid.uuid4()}"
+        assert client.get(missing, headers=tokens.write.headers).status_code == 404
+        listed = client.get("/api/v1/jobs", headers=tokens.write.headers)
+        assert listed.get_json()["items"][0]["id"] == str(job_id)
+    finally:
+        event.remove(engine, "after_cursor_execute", record)
+    # get, missing, the list's count and page
+    assert after_select == [TRANSACTION_STATUS_IDLE] * 4
 
 
 def test_get_job_shows_progress_result_and_error(
