@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import redis
 from flask import Flask, Response, request
@@ -21,13 +21,16 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from shared.cache import Cache, Cached, serialize
+from shared.db import autocommit
 from shared.models import TestCaseStatus
 from shared.settings import Settings
 from web.auth import required_scope
 from web.errors import ApiError, Conflict, ServiceUnavailable
-from web.extension import conveyor
+from web.extension import conveyor, db_session
 from web.fastpath import ENVIRON_KEY, CachedRoute, matching_tag
 from web.jobs import MAX_PAGE, MAX_PAGE_SIZE
+
+T = TypeVar("T")
 
 CACHE_CONTROL = "private, no-cache"
 # Codes of the PostgreSQL errors a write can meet from a client's input.
@@ -189,6 +192,29 @@ def commit(session: Session, conflicts: dict[str, Callable[[], ApiError]]) -> No
     """Commit, with ``integrity``'s mapping of constraint violations."""
     with integrity(session, conflicts):
         session.commit()
+
+
+def insert(session: Session, row: object, conflicts: dict[str, Callable[[], ApiError]]) -> None:
+    """Insert ``row`` in one statement that commits on its own, with ``integrity``'s mapping.
+
+    One round trip where a transaction costs three (psycopg2's BEGIN and COMMIT), and no
+    refresh after it: the INSERT's RETURNING brings back what the server filled in (id,
+    created_at, updated_at).
+    """
+    with integrity(session, conflicts), autocommit(session):
+        session.add(row)
+        session.flush()
+
+
+def read(load: Callable[[Session], T]) -> T:
+    """``load`` on this request's session, each statement outside a transaction.
+
+    Under READ COMMITTED a transaction around a page's count and rows gives them no common
+    snapshot either; it only adds psycopg2's BEGIN before and the request's ROLLBACK after.
+    """
+    session = db_session()
+    with autocommit(session):
+        return load(session)
 
 
 def external_id_taken(external_id: str | None) -> Callable[[], ApiError]:

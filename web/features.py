@@ -39,9 +39,11 @@ from web.catalog import (
     cached_get,
     commit,
     external_id_taken,
+    insert,
     integrity,
     no_content,
     not_null,
+    read,
     writing,
     written,
 )
@@ -105,7 +107,9 @@ def list_features() -> Response:
         keys.FEATURES_LIST,
         keys.features_list_key(q.page, q.page_size, status),
         conveyor().settings.cache_list_ttl_s,
-        lambda: features_page(db_session(), q.page, q.page_size, status, base_url()),
+        lambda: read(
+            lambda session: features_page(session, q.page, q.page_size, status, base_url())
+        ),
     )
 
 
@@ -114,12 +118,9 @@ def list_features() -> Response:
 def create_feature() -> Response:
     """Create a feature: 201 with it and its ``Location``."""
     data = validate(FeatureIn, json_object())
-    session = db_session()
     feature = Feature(**data.model_dump(mode="json"))
     with writing(keys.FEATURES_LIST):
-        session.add(feature)
-        commit(session, {UNIQUE_VIOLATION: external_id_taken(data.external_id)})
-    session.refresh(feature)  # created_at and updated_at come from the database
+        insert(db_session(), feature, {UNIQUE_VIOLATION: external_id_taken(data.external_id)})
     base = base_url()
     return written(feature_body(feature, base), 201, base + feature_path(feature.id))
 
@@ -132,7 +133,7 @@ def get_feature(feature_id: int) -> Response:
         keys.FEATURE,
         keys.feature_key(feature_id),
         conveyor().settings.cache_item_ttl_s,
-        lambda: feature_body(_feature(db_session(), feature_id), base_url()),
+        lambda: read(lambda session: feature_body(_feature(session, feature_id), base_url())),
         read_feature=feature_id,
     )
 
@@ -188,8 +189,7 @@ def list_feature_test_cases(feature_id: int) -> Response:
     q = query(TestCaseListQuery)
     status = q.status.value if q.status else None
 
-    def load() -> dict[str, Any]:
-        session = db_session()
+    def load(session: Session) -> dict[str, Any]:
         _feature(session, feature_id)  # 404, never cached: a later create must show up
         return test_cases_page(session, feature_id, q.page, q.page_size, status, base_url())
 
@@ -197,7 +197,7 @@ def list_feature_test_cases(feature_id: int) -> Response:
         keys.TEST_CASES_LIST,
         keys.test_cases_list_key(feature_id, q.page, q.page_size, status),
         conveyor().settings.cache_list_ttl_s,
-        load,
+        lambda: read(load),
     )
 
 
@@ -206,22 +206,20 @@ def list_feature_test_cases(feature_id: int) -> Response:
 def create_feature_test_case(feature_id: int) -> Response:
     """Create a test case of this feature: 201 with it and its ``Location``."""
     data = validate(FeatureTestCaseIn, json_object())
-    session = db_session()
-    _feature(session, feature_id)
+    read(lambda s: _feature(s, feature_id))
     test_case = TestCase(feature_id=feature_id, **data.model_dump(mode="json"))
 
     def feature_gone() -> NotFound:  # deleted between the check and the commit
         return NotFound(f"no feature {feature_id}", problem="feature-not-found")
 
     with writing(keys.TEST_CASES_LIST):
-        session.add(test_case)
-        commit(
-            session,
+        insert(
+            db_session(),
+            test_case,
             {
                 UNIQUE_VIOLATION: external_id_taken(data.external_id),
                 FOREIGN_KEY_VIOLATION: feature_gone,
             },
         )
-    session.refresh(test_case)
     base = base_url()
     return written(test_case_body(test_case, base), 201, base + test_case_path(test_case.id))

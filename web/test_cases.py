@@ -28,8 +28,10 @@ from web.catalog import (
     cached_get,
     commit,
     external_id_taken,
+    insert,
     no_content,
     not_null,
+    read,
     writing,
     written,
 )
@@ -88,8 +90,8 @@ def list_test_cases() -> Response:
         keys.TEST_CASES_LIST,
         keys.test_cases_list_key(q.feature_id, q.page, q.page_size, status),
         conveyor().settings.cache_list_ttl_s,
-        lambda: test_cases_page(
-            db_session(), q.feature_id, q.page, q.page_size, status, base_url()
+        lambda: read(
+            lambda s: test_cases_page(s, q.feature_id, q.page, q.page_size, status, base_url())
         ),
     )
 
@@ -99,20 +101,18 @@ def list_test_cases() -> Response:
 def create_test_case() -> Response:
     """Create a test case: 201 with it and its ``Location``; 422 for an unknown feature."""
     data = validate(TestCaseIn, json_object())
-    session = db_session()
-    if session.get(Feature, data.feature_id) is None:
+    if read(lambda s: s.get(Feature, data.feature_id)) is None:
         raise _no_feature()
     test_case = TestCase(**data.model_dump(mode="json"))
     with writing(keys.TEST_CASES_LIST):
-        session.add(test_case)
-        commit(
-            session,
+        insert(
+            db_session(),
+            test_case,
             {
                 UNIQUE_VIOLATION: external_id_taken(data.external_id),
                 FOREIGN_KEY_VIOLATION: _no_feature,  # deleted since the check
             },
         )
-    session.refresh(test_case)
     base = base_url()
     return written(test_case_body(test_case, base), 201, base + test_case_path(test_case.id))
 
@@ -125,7 +125,7 @@ def get_test_case(test_case_id: int) -> Response:
         keys.TEST_CASE,
         keys.test_case_key(test_case_id),
         conveyor().settings.cache_item_ttl_s,
-        lambda: test_case_body(_test_case(db_session(), test_case_id), base_url()),
+        lambda: read(lambda s: test_case_body(_test_case(s, test_case_id), base_url())),
     )
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import text
+from psycopg2.extensions import TRANSACTION_STATUS_IDLE
+from sqlalchemy import event, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
@@ -59,6 +62,38 @@ def test_create_read_update_delete(client: FlaskClient, tokens: Tokens) -> None:
     assert deleted.status_code == 204
     problem(client.get(created.headers["Location"], headers=tokens.read.headers), 404)
     problem(client.delete(created.headers["Location"], headers=tokens.write.headers), 404)
+
+
+def test_the_seed_paths_make_one_round_trip_per_statement(
+    app: Flask, client: FlaskClient, tokens: Tokens
+) -> None:
+    """The seed scenario's create and list (and a read of one), on cache misses: each
+    statement runs outside a transaction (psycopg2 sends no BEGIN, COMMIT or ROLLBACK
+    around it), and a create is its INSERT alone (RETURNING brings back the server's
+    defaults: no refresh follows)."""
+    engine = app.extensions["conveyor"].db.engine
+    seen: list[tuple[str, int]] = []
+
+    def record(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if " features" in statement:
+            verb = statement.split(None, 1)[0]
+            seen.append((verb, conn.connection.dbapi_connection.get_transaction_status()))
+
+    event.listen(engine, "after_cursor_execute", record)
+    try:
+        created = create_feature(client, tokens, name="One trip")
+        assert seen == [("INSERT", TRANSACTION_STATUS_IDLE)]
+        assert created["created_at"].endswith("Z")
+        assert created["updated_at"] == created["created_at"]
+        seen.clear()
+        got = client.get(f"/api/v1/features/{created['id']}", headers=tokens.read.headers)
+        assert got.get_json() == created
+        listed = client.get("/api/v1/features?page=1&page_size=20", headers=tokens.read.headers)
+        assert listed.get_json()["items"][0] == created
+    finally:
+        event.remove(engine, "after_cursor_execute", record)
+    # the one feature, then the list's count and page
+    assert seen == [("SELECT", TRANSACTION_STATUS_IDLE)] * 3
 
 
 def test_links_lead_to_the_routes(client: FlaskClient, tokens: Tokens) -> None:
