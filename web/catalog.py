@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import redis
 from flask import Flask, Response, request
@@ -26,11 +26,9 @@ from shared.models import TestCaseStatus
 from shared.settings import Settings
 from web.auth import required_scope
 from web.errors import ApiError, Conflict, ServiceUnavailable
-from web.extension import conveyor, db_session
+from web.extension import conveyor
 from web.fastpath import ENVIRON_KEY, CachedRoute, matching_tag
 from web.jobs import MAX_PAGE, MAX_PAGE_SIZE
-
-T = TypeVar("T")
 
 CACHE_CONTROL = "private, no-cache"
 # Codes of the PostgreSQL errors a write can meet from a client's input.
@@ -204,17 +202,6 @@ def insert(session: Session, row: object, conflicts: dict[str, Callable[[], ApiE
     with integrity(session, conflicts), autocommit(session):
         session.add(row)
         session.flush()
-
-
-def read(load: Callable[[Session], T]) -> T:
-    """``load`` on this request's session, each statement outside a transaction.
-
-    Under READ COMMITTED a transaction around a page's count and rows gives them no common
-    snapshot either; it only adds psycopg2's BEGIN before and the request's ROLLBACK after.
-    """
-    session = db_session()
-    with autocommit(session):
-        return load(session)
 
 
 def external_id_taken(external_id: str | None) -> Callable[[], ApiError]:

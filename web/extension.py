@@ -7,8 +7,9 @@ request-scoped session from ``db_session()``, closed when the request ends.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, cast
 
 import redis
 from flask import Flask, current_app, g
@@ -16,9 +17,11 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session
 
 from shared.cache import Cache
-from shared.db import Database, make_engine
+from shared.db import Database, autocommit, make_engine
 from shared.queue import Publisher
 from shared.settings import Settings
+
+T = TypeVar("T")
 
 EXTENSION = "conveyor"
 # Health probes must answer quickly even when a dependency hangs.
@@ -96,6 +99,17 @@ def db_session() -> Session:
         session = db.pinned_session(g.db_connection)
         g.db_session = session
     return session
+
+
+def read(load: Callable[[Session], T]) -> T:
+    """``load`` on this request's session, each statement outside a transaction.
+
+    Under READ COMMITTED a transaction around a page's count and rows gives them no common
+    snapshot either; it only adds psycopg2's BEGIN before and the request's ROLLBACK after.
+    """
+    session = db_session()
+    with autocommit(session):
+        return load(session)
 
 
 def _close_session(_: BaseException | None) -> None:

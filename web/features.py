@@ -43,12 +43,11 @@ from web.catalog import (
     integrity,
     no_content,
     not_null,
-    read,
     writing,
     written,
 )
 from web.errors import Conflict, NotFound
-from web.extension import conveyor, db_session
+from web.extension import conveyor, db_session, read
 from web.validation import json_object, query, validate
 
 bp = Blueprint("features", __name__, url_prefix="/api/v1/features")

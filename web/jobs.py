@@ -7,21 +7,22 @@ or another owner's) is 404, never an invented PENDING. Admin tokens see every jo
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, Response, jsonify
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import ColumnElement, func, select
+from sqlalchemy.orm import Session
 
 from shared import jobs
-from shared.db import autocommit
 from shared.models import Job, JobState, TokenScope
 from shared.pages import page_body
 from shared.queue import KINDS
 from web.auth import current_principal, requires, visible_owner
 from web.errors import BadRequest, Conflict, NotFound
-from web.extension import conveyor, db_session
+from web.extension import conveyor, db_session, read
 from web.links import link
 from web.validation import query
 
@@ -96,10 +97,8 @@ def _visible_job(raw_id: str) -> Job:
 @requires(TokenScope.READ)
 def get_job(job_id: str) -> Response:
     """A job's state, progress, result or error."""
-    # What pollers call most: one statement, outside a transaction (no BEGIN and ROLLBACK
-    # round trips around it; shared.db.autocommit).
-    with autocommit(db_session()):
-        job = _visible_job(job_id)
+    # What pollers call most: one statement, outside a transaction (web.extension.read).
+    job = read(lambda _: _visible_job(job_id))
     return _no_store(jsonify(job_body(job)))
 
 
@@ -130,10 +129,8 @@ def list_jobs() -> Response:
         conditions.append(Job.kind == q.kind)
     if q.state is not None:
         conditions.append(Job.state == q.state.value)
-    session = db_session()
-    # Each statement on its own: under READ COMMITTED a transaction around the two would
-    # not give them one snapshot either, only two more round trips (BEGIN, ROLLBACK).
-    with autocommit(session):
+
+    def load(session: Session) -> tuple[int, Sequence[Job]]:
         total = session.scalar(select(func.count()).select_from(Job).where(*conditions)) or 0
         # id breaks created_at ties (one transaction's rows share now()), so pages never
         # overlap.
@@ -144,6 +141,9 @@ def list_jobs() -> Response:
             .offset((q.page - 1) * q.page_size)
             .limit(q.page_size)
         ).all()
+        return total, rows
+
+    total, rows = read(load)
 
     filters = {k: v for k, v in {"kind": q.kind, "state": q.state}.items() if v is not None}
 

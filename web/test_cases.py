@@ -31,12 +31,11 @@ from web.catalog import (
     insert,
     no_content,
     not_null,
-    read,
     writing,
     written,
 )
 from web.errors import NotFound, Unprocessable
-from web.extension import conveyor, db_session
+from web.extension import conveyor, db_session, read
 from web.validation import json_object, query, validate
 
 bp = Blueprint("test_cases", __name__, url_prefix="/api/v1/test-cases")
