@@ -82,12 +82,12 @@ def _no_store(response: Response) -> Response:
     return response
 
 
-def _visible_job(raw_id: str) -> Job:
+def _visible_job(session: Session, raw_id: str) -> Job:
     try:
         job_id = uuid.UUID(raw_id)
     except ValueError:
         raise BadRequest(f"{raw_id!r} is not a job id (a UUID)") from None
-    job = jobs.get_job(db_session(), job_id, owner=visible_owner(current_principal()))
+    job = jobs.get_job(session, job_id, owner=visible_owner(current_principal()))
     if job is None:
         raise NotFound(f"no job {job_id}")
     return job
@@ -98,7 +98,7 @@ def _visible_job(raw_id: str) -> Job:
 def get_job(job_id: str) -> Response:
     """A job's state, progress, result or error."""
     # What pollers call most: one statement, outside a transaction (web.extension.read).
-    job = read(lambda _: _visible_job(job_id))
+    job = read(lambda session: _visible_job(session, job_id))
     return _no_store(jsonify(job_body(job)))
 
 
@@ -158,7 +158,7 @@ def list_jobs() -> Response:
 @requires(TokenScope.WRITE)
 def cancel_job(job_id: str) -> tuple[Response, int]:
     """Cancel: a queued job is REVOKED now (200); a running one stops soon (202)."""
-    job = _visible_job(job_id)
+    job = _visible_job(db_session(), job_id)
     try:
         job = jobs.cancel(db_session(), conveyor().publisher, job)
     except jobs.JobFinished:
