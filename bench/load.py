@@ -56,7 +56,7 @@ from bench.processes import Child, RssSampler, child_env, free_port, wait_http_o
 from bench.services import BenchServices, bench_services
 from shared.cli import flower_command, flower_env, web_command, worker_command
 from shared.models import TokenScope
-from shared.queue import UNACKED_KEY, celery_config, priority_lists
+from shared.queue import UNACKED_KEY, celery_config, queue_depths
 from shared.settings import Settings
 from shared.tokens import create_token
 
@@ -427,14 +427,17 @@ def run_raw_celery(s: Stack, n: int) -> float:
     """
     app = _celery(s.settings)
     client = redis.Redis.from_url(s.settings.redis_url or "")
-    lists = priority_lists("default")
+    idle_since: float | None = None  # when the first of two idle sightings was
 
-    def busy() -> bool:
-        pipe = client.pipeline(transaction=True)
-        for name in lists:
-            pipe.llen(name)
-        pipe.hlen(UNACKED_KEY)
-        return any(pipe.execute())
+    def drained() -> bool:
+        nonlocal idle_since
+        if queue_depths(client, ("default",))["default"] or client.hlen(UNACKED_KEY):
+            idle_since = None
+        elif idle_since is None:
+            idle_since = time.time()
+        else:
+            return True
+        return False
 
     try:
         started = time.time()
@@ -447,18 +450,9 @@ def run_raw_celery(s: Stack, n: int) -> float:
                     queue="default",
                     producer=producer,
                 )
-        deadline = time.monotonic() + 300
-        idle_since: float | None = None  # when the first of two idle sightings was
-        while True:
-            if busy():
-                idle_since = None
-            elif idle_since is None:
-                idle_since = time.time()
-            else:
-                return n / (idle_since - started)
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"timed out waiting for {n} no-op tasks")
-            time.sleep(0.005)
+        _wait(drained, 300, f"{n} no-op tasks", every_s=0.005)
+        assert idle_since is not None
+        return n / (idle_since - started)
     finally:
         client.close()
 
