@@ -11,6 +11,7 @@ import json
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from celery import Celery
@@ -18,6 +19,7 @@ from kombu.entity import Queue
 from kombu.exceptions import ChannelError
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
+from shared.broker import TRANSPORT
 from shared.settings import Settings
 
 QUEUES = ("default", "imports", "deployments")
@@ -52,8 +54,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "retry_on_timeout": False,
         "health_check_interval": 25,
     }
+    # kombu's Redis transport with one client per channel (shared/broker.py), for redis://.
+    ours = settings.broker_transport == "conveyor"
+    ours = ours and urlsplit(settings.redis_url or "").scheme == "redis"
     return {
         "broker_url": settings.redis_url,
+        "broker_transport": TRANSPORT if ours else None,
         "broker_transport_options": transport,
         "broker_connection_timeout": settings.redis_socket_timeout_s,
         "broker_connection_retry_on_startup": True,

@@ -85,6 +85,9 @@ class Settings(BaseSettings):
 
     # Celery / jobs.
     redis_socket_timeout_s: float = 5.0
+    # "conveyor": kombu's Redis transport with one client per channel (shared/broker.py);
+    # "kombu": kombu's own, the way back should a kombu upgrade disagree with it.
+    broker_transport: Literal["conveyor", "kombu"] = "conveyor"
     broker_visibility_timeout_s: int = 3600  # longer than any task slice (job_slice_s)
     job_slice_s: int = 600
     job_max_attempts: int = 3
