@@ -57,6 +57,8 @@ class JobContext:
     job: Job
     settings: Settings
     task_started: float
+    # Wall time of the lease's UPDATE: the worker's own round trip to PostgreSQL.
+    lease_ms: float = 0.0
     # What the job has done so far, kept as the result if it is cancelled or fails.
     partial_result: dict[str, Any] | None = None
 
@@ -113,7 +115,9 @@ def execute_job(task: Task, job_id: str, body: Callable[[JobContext], dict[str, 
             return
         settings = runtime.settings()
         with runtime.database().session() as session:
+            asked = time.perf_counter()
             lease = jobs.acquire_lease(session, key, holder_id(), settings.job_lease_s)
+            lease_ms = (time.perf_counter() - asked) * 1000
             if lease is None and (dead := _dead_local_holder(session, key)):
                 log.warning("taking over from a dead worker process", extra={"holder": dead[0]})
                 lease = jobs.acquire_lease(
@@ -129,7 +133,7 @@ def execute_job(task: Task, job_id: str, body: Callable[[JobContext], dict[str, 
                 metrics.JOB_QUEUE_WAIT.labels(job.kind).observe(
                     max(0.0, (job.started_at - enqueued).total_seconds())
                 )
-            ctx = JobContext(session, lease, job, settings, time.monotonic())
+            ctx = JobContext(session, lease, job, settings, time.monotonic(), lease_ms=lease_ms)
             try:
                 result = body(ctx)
             except jobs.JobCancelled:
