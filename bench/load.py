@@ -388,10 +388,34 @@ def run_seed(s: Stack, quick: bool) -> SeedResult:
 # --- phase 3: the job path ----------------------------------------------------------------------
 
 
+# The baselines (raw Celery, Flower) run on kombu's own Redis transport: Conveyor's
+# (shared/broker.py, a third less CPU in the worker's main process per task) is Conveyor's.
+STOCK_KOMBU = {"CONVEYOR_BROKER_TRANSPORT": "kombu"}
+
+
 def _celery(settings: Settings) -> Celery:
+    """Raw Celery's publisher: Conveyor's Celery settings on kombu's own transport."""
     app = Celery("bench")
-    app.conf.update(celery_config(settings))
+    app.conf.update(celery_config(settings) | {"broker_transport": None})
     return app
+
+
+def _start_worker(s: Stack, stock: bool, round_no: int) -> Child:
+    """The worker draining a round, the same settings for both sides; the raw side's on
+    kombu's own transport (``STOCK_KOMBU``), so the baseline is Celery as its users run it."""
+    name = f"worker-{'raw' if stock else 'canary'}-{round_no}"  # a new log: wait_log reads all
+    worker = s.start(
+        Child(
+            name,
+            worker_command(
+                s.settings, queues="default", extra=["--without-gossip", "--without-mingle"]
+            ),
+            {**s.env, **STOCK_KOMBU} if stock else s.env,
+            s.log_dir / f"{name}.log",
+        )
+    )
+    wait_log(worker, b" ready.")
+    return worker
 
 
 def _wait(condition: Any, timeout: float, what: str, every_s: float = 0.1) -> None:
@@ -538,7 +562,7 @@ def run_jobs(s: Stack, quick: bool) -> dict[str, Any]:
         Child(
             "flower",
             flower_command(s.settings),
-            flower_env(s.settings, s.env),
+            flower_env(s.settings, {**s.env, **STOCK_KOMBU}),
             s.log_dir / "flower.log",
         )
     )
@@ -586,27 +610,20 @@ def run_jobs(s: Stack, quick: bool) -> dict[str, Any]:
     with s.engine.begin() as conn:
         conn.execute(text("DELETE FROM jobs WHERE kind = 'canary'"))
 
-    worker = s.start(
-        Child(
-            "worker",
-            worker_command(
-                s.settings, queues="default", extra=["--without-gossip", "--without-mingle"]
-            ),
-            s.env,
-            s.log_dir / "worker.log",
-        )
-    )
-    wait_log(worker, b" ready.")
     n = 512 if quick else 2048  # multiples of the 32 submitting connections
     rounds: list[dict[str, float]] = []
     for i in range(1 if quick else JOB_ROUNDS):
         console.print(f"  {n} jobs, round {i + 1}: raw Celery no-op ...", end=" ")
+        worker = _start_worker(s, stock=True, round_no=i + 1)
         with cpu_sampler(s, worker, []) as raw_cpu:
             raw = run_raw_celery(s, n)
+        s.stop(worker)
         console.print(f"{raw:,.0f}/s; canaries ...", end=" ")
+        worker = _start_worker(s, stock=False, round_no=i + 1)
         load: list[int] = []
         with cpu_sampler(s, worker, load) as canary_cpu:
             jobs = run_canary_jobs(s, n, load)
+        s.stop(worker)
         console.print(f"{jobs:,.0f}/s; ratio {jobs / raw:.2f}")
         rounds.append(
             {
@@ -617,7 +634,6 @@ def run_jobs(s: Stack, quick: bool) -> dict[str, Any]:
                 "canary_cpu_ms_per_job": cpu_ms_per_job(canary_cpu, n),
             }
         )
-    s.stop(worker)
     return {
         "canary_enqueue": asdict(canary.peak) if canary.peak else None,
         "flower_enqueue": asdict(flower_ladder.peak) if flower_ladder.peak else None,
