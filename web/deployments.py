@@ -31,6 +31,7 @@ from shared.deployments import (
     stats_key,
     unpassed_test_cases,
 )
+from shared.jobs import JobRecord
 from shared.models import (
     DEPLOYMENT_FINAL,
     DEPLOYMENT_HOLDING,
@@ -154,7 +155,7 @@ def _row_for_job(session: Session, job_id: uuid.UUID) -> Row[Any] | None:
     return row
 
 
-def _accepted(job: Job) -> dict[str, Any]:
+def _accepted(job: JobRecord) -> dict[str, Any]:
     """A submitted deployment's answer: the job, with its deployment."""
     body = job_body(job)
     row = _row_for_job(db_session(), job.id)

@@ -35,6 +35,7 @@ from werkzeug.sansio.multipart import Field as FormField
 
 from shared import jobs, storage
 from shared.importspec import FORMATS, TARGETS
+from shared.jobs import JobRecord
 from shared.models import ImportError_, ImportRun, Job, TokenScope, Upload
 from shared.pages import page_body
 from web.auth import current_principal, requires, visible_owner
@@ -536,7 +537,7 @@ def run_fields(run: ImportRun, filename: str | None) -> dict[str, Any]:
     }
 
 
-def _accepted_body(job: Job) -> dict[str, Any]:
+def _accepted_body(job: JobRecord) -> dict[str, Any]:
     """The job, with its import and a link to the import's report."""
     body = job_body(job)
     run, filename = _run_and_filename(db_session(), job.id)

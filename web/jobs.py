@@ -17,6 +17,7 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from shared import jobs
+from shared.jobs import JobRecord
 from shared.models import Job, JobState, TokenScope
 from shared.pages import page_body
 from shared.queue import KINDS
@@ -48,7 +49,7 @@ def job_url(job_id: uuid.UUID | str) -> str:
     return link("jobs.get_job", job_id=str(job_id))
 
 
-def job_body(job: Job) -> dict[str, Any]:
+def job_body(job: Job | JobRecord) -> dict[str, Any]:
     """The API's representation of a job."""
     progress = None
     if job.progress is not None:

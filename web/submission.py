@@ -29,7 +29,7 @@ from flask import Response, jsonify, request
 from sqlalchemy.orm import Session
 
 from shared import jobs
-from shared.models import Job
+from shared.jobs import JobRecord
 from shared.queue import PublishError
 from web.auth import current_principal
 from web.errors import ServiceUnavailable, Unprocessable
@@ -67,7 +67,7 @@ def submit_and_respond(
     *,
     on_insert: Callable[[Session, uuid.UUID], None] | None = None,
     on_discard: Callable[[Session], None] | None = None,
-    describe: Callable[[Job], dict[str, Any]] = job_body,
+    describe: Callable[[JobRecord], dict[str, Any]] = job_body,
 ) -> Response:
     """Submit a ``kind`` job with validated ``params`` for the caller and answer for it.
 

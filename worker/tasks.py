@@ -54,7 +54,7 @@ class JobContext:
 
     session: Session
     lease: jobs.Lease
-    job: Job
+    job: jobs.JobRecord
     settings: Settings
     task_started: float
     # Wall time of the lease's UPDATE: the worker's own round trip to PostgreSQL.
@@ -92,7 +92,7 @@ def _dead_local_holder(session: Session, job_id: uuid.UUID) -> list[str]:
     return [holder]
 
 
-def _record_end(job: Job, state: JobState) -> None:
+def _record_end(job: jobs.JobRecord, state: JobState) -> None:
     """The job's duration from its first start, by outcome (success, failure, revoked)."""
     if job.started_at is not None:
         seconds = (datetime.now(UTC) - job.started_at).total_seconds()
@@ -126,7 +126,7 @@ def execute_job(task: Task, job_id: str, body: Callable[[JobContext], dict[str, 
             if lease is None:
                 log.info("job not runnable by this delivery (finished, cancelled or held)")
                 return
-            job = session.get_one(Job, key)
+            job = lease.job
             log.info("job started", extra={"kind": job.kind, "attempt": lease.attempt})
             if lease.attempt == 1 and job.started_at is not None:
                 enqueued = job.published_at or job.created_at

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import fields
 from datetime import timedelta
 
 import pytest
@@ -39,6 +40,23 @@ def test_submit_commits_then_publishes_with_job_id_as_task_id(
     assert sub.job.published_at is not None
     assert sub.job.publish_count == 1
     assert str(sub.job.id) in _queue_ids(settings)
+
+
+def test_job_record_is_the_row_the_statements_return(
+    session: Session, publisher: Publisher
+) -> None:
+    # JobRecord(*row) takes RETURNING's columns by position: its fields are the table's.
+    assert [f.name for f in fields(jobs.JobRecord)] == [c.name for c in Job.__table__.columns]
+    sub = jobs.submit(session, publisher, "canary", {"sleep_s": 1}, owner="o1")
+    lease = jobs.acquire_lease(session, sub.job.id, "w1", ttl_s=60)
+    assert lease is not None
+    row = session.get_one(Job, sub.job.id)
+    session.refresh(row)
+    assert lease.job == jobs.JobRecord.of(row)
+    assert lease.job.params == {"sleep_s": 1}
+    assert lease.job.state == JobState.STARTED
+    assert sub.job.state == JobState.PENDING
+    assert sub.job.created_at == row.created_at
 
 
 def test_idempotency_key_replays_and_mismatches(session: Session, publisher: Publisher) -> None:
