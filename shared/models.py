@@ -145,6 +145,9 @@ class Feature(Base):
         Index("ix_features_created_at", text("created_at DESC")),
         CheckConstraint("complexity_points >= 0", name="ck_features_complexity_points"),
     )
+    # An UPDATE brings back ``updated_at`` (its onupdate now()) with RETURNING: a PATCH
+    # answers without reading the row again after its commit.
+    __mapper_args__ = {"eager_defaults": True}
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     external_id: Mapped[str | None] = mapped_column(String(255), unique=True)
@@ -171,6 +174,7 @@ class TestCase(Base):
     __tablename__ = "test_cases"
     __test__ = False
     __table_args__ = (Index("ix_test_cases_feature_id", "feature_id"),)
+    __mapper_args__ = {"eager_defaults": True}  # as Feature's
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     external_id: Mapped[str | None] = mapped_column(String(255), unique=True)

@@ -148,7 +148,6 @@ def update_feature(feature_id: int) -> Response:
         setattr(feature, field, value)
     with writing(keys.FEATURE, keys.FEATURES_LIST):
         commit(session, {UNIQUE_VIOLATION: external_id_taken(data.external_id)})
-    session.refresh(feature)
     return written(feature_body(feature, base_url()))
 
 

@@ -140,7 +140,6 @@ def update_test_case(test_case_id: int) -> Response:
         setattr(test_case, field, value)
     with writing(keys.TEST_CASE, keys.TEST_CASES_LIST):
         commit(session, {UNIQUE_VIOLATION: external_id_taken(data.external_id)})
-    session.refresh(test_case)
     return written(test_case_body(test_case, base_url()))
 
 

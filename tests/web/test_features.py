@@ -96,6 +96,38 @@ def test_the_seed_paths_make_one_round_trip_per_statement(
     assert seen == [("SELECT", TRANSACTION_STATUS_IDLE)] * 3
 
 
+def test_a_patch_answers_from_its_update_without_reading_the_row_again(
+    app: Flask, client: FlaskClient, tokens: Tokens
+) -> None:
+    """The UPDATE returns ``updated_at`` (eager_defaults): a PATCH of a feature or a test
+    case reads the row and updates it, nothing after, and answers what a later GET reads."""
+    feature = create_feature(client, tokens, name="Patched once")
+    case = create_test_case(client, tokens, feature["id"])
+    engine = app.extensions["conveyor"].db.engine
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if " features" in statement or " test_cases" in statement:
+            seen.append(statement.split(None, 1)[0])
+
+    for before, change in ((feature, {"status": "done"}), (case, {"status": "passed"})):
+        seen.clear()
+        event.listen(engine, "after_cursor_execute", record)
+        try:
+            patched = client.patch(
+                before["links"]["self"], json=change, headers=tokens.write.headers
+            )
+        finally:
+            event.remove(engine, "after_cursor_execute", record)
+        assert patched.status_code == 200, patched.get_json()
+        assert seen == ["SELECT", "UPDATE"]
+        body = patched.get_json()
+        assert body["status"] == change["status"]
+        assert body["updated_at"] > before["updated_at"]
+        read = client.get(before["links"]["self"], headers=tokens.read.headers)
+        assert read.get_json() == body
+
+
 def test_links_lead_to_the_routes(client: FlaskClient, tokens: Tokens) -> None:
     """Bodies build links without Flask (the warm task has no app): they must still resolve."""
     feature = create_feature(client, tokens)
