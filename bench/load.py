@@ -185,6 +185,7 @@ class Ladder:
     label: str
     p99_limit_s: float
     steps: list[Step] = field(default_factory=list)
+    tries: int = 1  # the ladder climbed again after a try with no passing step
 
     @property
     def peak(self) -> Step | None:
@@ -401,6 +402,30 @@ def _celery(settings: Settings) -> Celery:
     return app
 
 
+def _climb_enqueue(s: Stack, label: str, seconds: float, request: dict[str, Any]) -> Ladder:
+    """Closed-loop enqueue ladder after a warm-up; climbed once more if no step passed.
+
+    The warm-up: the first requests of each server thread open its database and Redis
+    connections (tens of ms each here), a handful of slow answers that would be the p99
+    of the one-connection step. Even warmed up, Flower's one-connection p99 passed 50 ms
+    in three runs of four one evening (89 to 127 ms, its median a few ms): a ladder with no
+    passing step gets a second try, the same rule for both sides, and the report shows
+    the try it used.
+    """
+    ladder = Ladder(label, ENQUEUE_P99_S)
+    for tries, suffix in ((1, ""), (2, " (again: no step within the bound)")):
+        rate_step(rate=0, seconds=2, closed=WARM_UP_CONNECTIONS, **request)
+        _purge(s.settings)
+        ladder = climb(
+            label + suffix, ENQUEUE_CONNECTIONS, seconds, ENQUEUE_P99_S, closed=True, **request
+        )
+        ladder.tries = tries
+        _purge(s.settings)
+        if ladder.peak is not None:
+            break
+    return ladder
+
+
 def _start_worker(s: Stack, stock: bool, round_no: int) -> Child:
     """The worker draining a round, the same settings for both sides; the raw side's on
     kombu's own transport (``STOCK_KOMBU``), so the baseline is Celery as its users run it."""
@@ -582,31 +607,8 @@ def run_jobs(s: Stack, quick: bool) -> dict[str, Any]:
         "body": json.dumps({"args": [str(uuid.uuid4())]}),
         "basic_auth": basic,
     }
-    # A warm-up for each: the first requests of each server thread open its database and
-    # Redis connections (tens of ms each here), a handful of slow answers that would be
-    # the p99 of the one-connection step.
-    rate_step(rate=0, seconds=2, closed=WARM_UP_CONNECTIONS, **canary_request)
-    _purge(s.settings)
-    canary = climb(
-        "POST /api/v1/canaries",
-        ENQUEUE_CONNECTIONS,
-        seconds,
-        ENQUEUE_P99_S,
-        closed=True,
-        **canary_request,
-    )
-    _purge(s.settings)
-    rate_step(rate=0, seconds=2, closed=WARM_UP_CONNECTIONS, **flower_request)
-    _purge(s.settings)
-    flower_ladder = climb(
-        "Flower async-apply",
-        ENQUEUE_CONNECTIONS,
-        seconds,
-        ENQUEUE_P99_S,
-        closed=True,
-        **flower_request,
-    )
-    _purge(s.settings)
+    canary = _climb_enqueue(s, "POST /api/v1/canaries", seconds, canary_request)
+    flower_ladder = _climb_enqueue(s, "Flower async-apply", seconds, flower_request)
     s.stop(flower)
     with s.engine.begin() as conn:
         conn.execute(text("DELETE FROM jobs WHERE kind = 'canary'"))
@@ -640,6 +642,8 @@ def run_jobs(s: Stack, quick: bool) -> dict[str, Any]:
         "flower_enqueue": asdict(flower_ladder.peak) if flower_ladder.peak else None,
         "canary_steps": [asdict(x) for x in canary.steps],
         "flower_steps": [asdict(x) for x in flower_ladder.steps],
+        "canary_tries": canary.tries,
+        "flower_tries": flower_ladder.tries,
         "jobs": n,
         "raw_celery_per_s": statistics.median(x["raw"] for x in rounds),
         "canary_jobs_per_s": statistics.median(x["canary"] for x in rounds),
@@ -773,8 +777,9 @@ def print_jobs(result: dict[str, Any]) -> dict[str, Any]:
     # Every step, so a ladder that failed at once still says how far off it was.
     for name in ("canary", "flower"):
         steps = result[f"{name}_steps"]
+        second = " (second try)" if result.get(f"{name}_tries", 1) > 1 else ""
         console.print(
-            f"  {name} enqueue steps (closed loop, connections 1, 2, 4 …): "
+            f"  {name} enqueue steps{second} (closed loop, connections 1, 2, 4 …): "
             + ", ".join(f"{x['achieved']:,.0f} req/s p99 {_ms(x['p99_s'])} ms" for x in steps)
         )
     table.add_row(
