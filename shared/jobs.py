@@ -91,8 +91,8 @@ def fingerprint(kind: str, params: dict[str, Any]) -> str:
 # A job runs through these for each submit, lease and finish: built per call, with the ORM's
 # evaluation of what an UPDATE changed, they cost about a millisecond of CPU each (a canary
 # job's whole worker side is a few). Built once with bound parameters they are compiled
-# once (SQLAlchemy's statement cache) and run without the evaluation: RETURNING refreshes
-# the Job in the session instead (``_REFRESH``).
+# once (SQLAlchemy's statement cache) and run without the evaluation: RETURNING brings the
+# row back, as a ``JobRecord`` (insert, lease) or refreshing a loaded Job (``_REFRESH``).
 # clock_timestamp, not now(): now() is frozen at the start of the caller's transaction.
 _NOW = func.clock_timestamp()
 _JOBS = cast(Table, Job.__table__)
