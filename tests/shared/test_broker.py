@@ -90,3 +90,30 @@ def test_other_schemes_and_the_setting_keep_kombus_transport(settings: Settings)
     assert celery_config(secure)["broker_transport"] is None
     chosen = settings.model_copy(update={"broker_transport": "kombu"})
     assert celery_config(chosen)["broker_transport"] is None
+
+
+def test_a_publish_on_redis_declares_nothing(settings: Settings) -> None:
+    """Celery re-declared the queue at every publish (a SADD of its binding, once per
+    connection, and a cached check every time); on Redis the task reaches the queue's list
+    without it, and workers declare the queues they consume."""
+    publisher = Publisher(settings)
+    client = redis.Redis.from_url(settings.redis_url or "")
+    queue = f"test-broker-{uuid.uuid4().hex}"
+    job_id = str(uuid.uuid4())
+    try:
+        publisher.send("conveyor.canary.run", queue, job_id)
+        assert [json.loads(m)["headers"]["id"] for m in client.lrange(queue, 0, -1)] == [job_id]
+        assert not client.exists(f"_kombu.binding.{queue}")
+        # Celery's default on the same broker binds the queue: what the test tells apart.
+        publisher.app.send_task("conveyor.canary.run", args=[job_id], queue=queue)
+        assert client.exists(f"_kombu.binding.{queue}")
+    finally:
+        client.delete(queue, f"_kombu.binding.{queue}")
+        client.close()
+        publisher.app.close()
+
+
+def test_other_brokers_keep_celerys_declarations(settings: Settings) -> None:
+    amqp = settings.model_copy(update={"redis_url": "amqp://guest@127.0.0.1:5672//"})
+    assert Publisher(amqp)._declare is None
+    assert Publisher(settings)._declare == []
