@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, cast
 
-from sqlalchemy import Interval, Table, and_, bindparam, func, or_, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import Interval, String, Table, and_, any_, bindparam, func, or_, select, update
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -132,16 +132,20 @@ _PUBLISHED = (
     .values(published_at=_NOW, publish_count=Job.publish_count + 1)
     .returning(Job)
 )
+_ACTIVE = bindparam("active_states", sorted(s.value for s in ACTIVE_STATES), type_=ARRAY(String))
 _ACQUIRE = (
     update(_JOBS)
     .where(
         _JOBS.c.id == bindparam("job_id"),
-        _JOBS.c.state.in_([s.value for s in ACTIVE_STATES]),
+        # Array parameters, not IN lists: SQLAlchemy renders an IN list as an "expanding"
+        # parameter and re-renders the statement's SQL at every execution (a twentieth of
+        # a canary's instructions in the worker). PostgreSQL plans both forms alike.
+        _JOBS.c.state == any_(_ACTIVE),
         _JOBS.c.cancel_requested.is_(False),
         or_(
             _JOBS.c.locked_by.is_(None),
             _JOBS.c.lease_expires_at < _NOW,
-            _JOBS.c.locked_by.in_(bindparam("dead_holders", expanding=True)),
+            _JOBS.c.locked_by == any_(bindparam("dead_holders", type_=ARRAY(String))),
         ),
     )
     .values(
