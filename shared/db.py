@@ -14,8 +14,11 @@ from contextlib import contextmanager
 from typing import Any
 
 from psycopg2.extensions import TRANSACTION_STATUS_IDLE
-from sqlalchemy import Connection, Engine, create_engine, event, exc, text
+from psycopg2.extras import Json
+from sqlalchemy import JSON, Connection, Engine, create_engine, event, exc, text
+from sqlalchemy.dialects.postgresql import psycopg2 as psycopg2_dialect
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.expression import UpdateBase
 
 from shared import metrics
 from shared.settings import Settings
@@ -178,3 +181,66 @@ def autocommit(session: Session) -> Iterator[None]:
 def _restore(driver: Any) -> None:
     if not driver.closed:
         driver.autocommit = False
+
+
+class DriverStatement:
+    """A Core DML statement run on the session's psycopg2 cursor, for the hottest ones.
+
+    The statement is rendered once, here: its SQL and its own constant parameters. Each
+    run sends that SQL with the caller's parameters through the cursor and returns the
+    first row, skipping SQLAlchemy's execution (compiled-cache lookup, parameter and
+    result processing, the execution context): for a canary's lease and finish in the
+    worker that was 2.76 → 2.45 million instructions per job (callgrind, in process).
+    The caller's values must be what psycopg2 adapts itself (UUIDs: SQLAlchemy's
+    psycopg2 dialect registers them); JSON-typed parameters are wrapped here.
+
+    What the session's ``execute`` would do around the statement still happens: pending
+    ORM changes are flushed first (autoflush), the driver's error is raised as
+    SQLAlchemy's (``DBAPIError.instance``), and a lost connection is invalidated. When
+    something listens to statements on the connection (tracing instruments SQLAlchemy
+    through these events), the statement runs through the session instead, so it is seen.
+    """
+
+    def __init__(self, statement: UpdateBase) -> None:
+        self.statement = statement
+        compiled = statement.compile(dialect=psycopg2_dialect.dialect())  # type: ignore[no-untyped-call]
+        self.sql = str(compiled)
+        binds = compiled.binds
+        self.required = frozenset(name for name, bind in binds.items() if bind.required)
+        self.constants = {k: v for k, v in compiled.params.items() if k not in self.required}
+        self.json = frozenset(name for name, bind in binds.items() if isinstance(bind.type, JSON))
+
+    def first(self, session: Session, params: dict[str, Any]) -> Any:
+        """The statement's first row (a tuple), or None."""
+        connection = session.connection()
+        dispatch: Any = connection.dispatch
+        if dispatch.before_cursor_execute or dispatch.after_cursor_execute:
+            return session.execute(self.statement, params).first()
+        if missing := self.required - params.keys():
+            raise exc.ArgumentError(f"no value for {', '.join(sorted(missing))}")
+        if session.autoflush:
+            session.flush()  # the session's pending rows first, as its own execute does
+        values = self.constants | params
+        for name in self.json & values.keys():
+            if values[name] is not None:
+                values[name] = Json(values[name])
+        driver: Any = connection.connection.dbapi_connection
+        cursor = driver.cursor()
+        try:
+            cursor.execute(self.sql, values)
+            return cursor.fetchone()
+        except connection.dialect.loaded_dbapi.Error as error:
+            lost = connection.dialect.is_disconnect(error, driver, cursor)
+            if lost:
+                connection.invalidate(error)
+            raise exc.DBAPIError.instance(
+                self.sql,
+                values,
+                error,
+                connection.dialect.loaded_dbapi.Error,
+                hide_parameters=True,
+                connection_invalidated=lost,
+                dialect=connection.dialect,
+            ) from error
+        finally:
+            cursor.close()

@@ -32,7 +32,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from shared.db import autocommit
+from shared.db import DriverStatement, autocommit
 from shared.models import ACTIVE_STATES, FINISHED_STATES, Job, JobState
 from shared.queue import KINDS, Publisher, PublishError
 
@@ -174,6 +174,13 @@ _FINISH = (
 )
 
 
+# The statements every job runs (submit, lease, finish), sent on the driver's cursor.
+_INSERT_ON_DRIVER = DriverStatement(_INSERT)
+_INSERT_UNLESS_KEY_USED_ON_DRIVER = DriverStatement(_INSERT_UNLESS_KEY_USED)
+_ACQUIRE_ON_DRIVER = DriverStatement(_ACQUIRE)
+_FINISH_ON_DRIVER = DriverStatement(_FINISH)
+
+
 @dataclass(frozen=True, slots=True)
 class JobRecord:
     """A job's row as a statement here returned it (RETURNING): read-only, in no session.
@@ -262,12 +269,12 @@ def submit(
         "lease_token": 0,
     }
     # RETURNING the whole row: the new job comes back whole, no SELECT after the commit.
-    stmt = _INSERT if idempotency_key is None else _INSERT_UNLESS_KEY_USED
+    stmt = _INSERT_ON_DRIVER if idempotency_key is None else _INSERT_UNLESS_KEY_USED_ON_DRIVER
     if on_insert is None:
         with autocommit(session):
-            row = session.execute(stmt, values).one_or_none()
+            row = stmt.first(session, values)
     else:
-        row = session.execute(stmt, values).one_or_none()
+        row = stmt.first(session, values)
         if row is not None:
             # Rows that belong to the job (an import's file and checkpoint) commit with it,
             # before any worker can see the message.
@@ -383,15 +390,15 @@ def acquire_lease(
     ``worker_lost`` after ``max_attempts`` instead of looping.
     """
     with autocommit(session):
-        row = session.execute(
-            _ACQUIRE,
+        row = _ACQUIRE_ON_DRIVER.first(
+            session,
             {
                 "job_id": job_id,
                 "dead_holders": list(dead_holders),
                 "holder": holder,
                 "ttl": timedelta(seconds=ttl_s),
             },
-        ).one_or_none()
+        )
     if row is None:
         return None
     job = JobRecord(*row)
@@ -557,8 +564,8 @@ def finish(
     """End the job if the lease is still ours; returns False when it was lost."""
     assert state in FINISHED_STATES
     with autocommit(session):
-        row = session.execute(
-            _FINISH,
+        row = _FINISH_ON_DRIVER.first(
+            session,
             {
                 "job_id": lease.job_id,
                 "token": lease.token,
@@ -566,7 +573,7 @@ def finish(
                 "result": result,
                 "error": error,
             },
-        ).scalar_one_or_none()
+        )
     return row is not None
 
 

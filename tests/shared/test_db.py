@@ -1,4 +1,5 @@
-"""shared.db against real PostgreSQL: one-statement commits and the idle-window pre-ping."""
+"""shared.db against real PostgreSQL: one-statement commits, the idle-window pre-ping and
+statements on the driver's cursor."""
 
 from __future__ import annotations
 
@@ -8,11 +9,25 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy import (
+    Column,
+    Engine,
+    Integer,
+    MetaData,
+    Table,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    insert,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from shared.db import Database, autocommit
+from shared.db import Database, DriverStatement, autocommit
 from shared.settings import Settings
 
 
@@ -21,7 +36,7 @@ def scratch(committed_db: Database) -> Iterator[str]:
     """A table of its own, dropped after the test."""
     name = f"scratch_{uuid.uuid4().hex[:8]}"
     with committed_db.engine.begin() as conn:
-        conn.execute(text(f"CREATE TABLE {name} (id int PRIMARY KEY)"))
+        conn.execute(text(f"CREATE TABLE {name} (id int PRIMARY KEY, doc jsonb)"))
     yield name
     with committed_db.engine.begin() as conn:
         conn.execute(text(f"DROP TABLE {name}"))
@@ -207,3 +222,113 @@ def test_a_zero_window_is_sqlalchemys_own_pre_ping(settings: Settings) -> None:
         assert len(pings) == 1  # every checkout but the new connection's first
     finally:
         db.engine.dispose()
+
+
+# --- statements on the driver's cursor ---------------------------------------------------
+
+
+def _scratch_statements(table: str) -> tuple[DriverStatement, DriverStatement]:
+    """An insert returning its row, with a constant and a JSON parameter, and an update."""
+    scratch = Table(
+        table, MetaData(), Column("id", Integer, primary_key=True), Column("doc", JSONB)
+    )
+    insert_row = (
+        insert(scratch)
+        .values(id=bindparam("id"), doc=bindparam("doc", type_=JSONB))
+        .returning(scratch.c.id, scratch.c.doc, func.clock_timestamp())
+    )
+    move = update(scratch).where(scratch.c.id == bindparam("old")).values(id=bindparam("new"))
+    return DriverStatement(insert_row), DriverStatement(move.returning(scratch.c.id))
+
+
+def test_a_driver_statement_answers_what_sqlalchemy_answers(
+    committed_db: Database, scratch: str
+) -> None:
+    insert_row, _ = _scratch_statements(scratch)
+    with committed_db.session() as session:
+        on_driver = insert_row.first(session, {"id": 1, "doc": {"a": [1, "b"]}})
+        through_sqlalchemy = session.execute(
+            insert_row.statement, {"id": 2, "doc": {"a": [1, "b"]}}
+        ).one()
+        session.commit()
+    assert on_driver[:2] == (1, {"a": [1, "b"]})  # the JSON parameter went in as JSON
+    assert through_sqlalchemy[:2] == (2, {"a": [1, "b"]})
+    assert on_driver[2].tzinfo is not None
+    assert through_sqlalchemy[2].tzinfo is not None
+    assert [type(v) for v in on_driver] == [type(v) for v in through_sqlalchemy]
+
+
+def test_a_driver_statement_raises_sqlalchemys_errors_and_wants_every_parameter(
+    committed_db: Database, scratch: str
+) -> None:
+    insert_row, move = _scratch_statements(scratch)
+    with committed_db.session() as session:
+        with autocommit(session):
+            insert_row.first(session, {"id": 1, "doc": None})
+            insert_row.first(session, {"id": 2, "doc": None})
+        with pytest.raises(IntegrityError, match="duplicate key"):
+            move.first(session, {"old": 2, "new": 1})
+        session.rollback()
+        with pytest.raises(ArgumentError, match="no value for new"):
+            move.first(session, {"old": 2})
+        assert move.first(session, {"old": 2, "new": 3}) == (3,)
+        assert move.first(session, {"old": 2, "new": 4}) is None
+        session.commit()
+
+
+def test_a_lost_connection_is_invalidated_as_sqlalchemy_would(
+    committed_db: Database, scratch: str, admin: Engine
+) -> None:
+    insert_row, _ = _scratch_statements(scratch)
+    with committed_db.session() as session:
+        pid = int(session.execute(text("SELECT pg_backend_pid()")).scalar_one())
+        session.commit()
+        _terminate(admin, pid)
+        with pytest.raises(OperationalError) as lost:
+            insert_row.first(session, {"id": 1, "doc": None})
+        assert lost.value.connection_invalidated
+        session.rollback()
+    with committed_db.session() as session:  # the pool hands out a live connection again
+        assert insert_row.first(session, {"id": 1, "doc": None})[0] == 1
+        session.commit()
+
+
+def test_statement_listeners_see_a_driver_statement(committed_db: Database, scratch: str) -> None:
+    """Tracing instruments SQLAlchemy through these events: with a listener the statement
+    runs through SQLAlchemy, so the listener sees it."""
+    insert_row, _ = _scratch_statements(scratch)
+    seen: list[str] = []
+
+    def listener(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement)
+
+    with committed_db.session() as session:
+        insert_row.first(session, {"id": 1, "doc": {"x": 1}})
+        event.listen(committed_db.engine, "before_cursor_execute", listener)
+        try:
+            row = insert_row.first(session, {"id": 2, "doc": {"x": 2}})
+        finally:
+            event.remove(committed_db.engine, "before_cursor_execute", listener)
+        session.commit()
+    assert row[:2] == (2, {"x": 2})
+    assert [s.split()[0] for s in seen] == ["INSERT"]
+
+
+def test_a_driver_statement_flushes_pending_rows_first_as_execute_does(
+    committed_db: Database, scratch: str
+) -> None:
+    """A job's insert may follow rows it refers to that the session holds unflushed (an
+    import's upload); the session's own execute flushes them first, and so does this."""
+    from shared.models import Feature
+
+    insert_row, _ = _scratch_statements(scratch)
+    with committed_db.session() as session:
+        feature = Feature(name=f"pending-{uuid.uuid4().hex[:6]}", complexity_points=1)
+        session.add(feature)
+        insert_row.first(session, {"id": 1, "doc": None})
+        assert not session.new
+        with session.no_autoflush:
+            session.add(Feature(name=f"held-{uuid.uuid4().hex[:6]}", complexity_points=1))
+            insert_row.first(session, {"id": 2, "doc": None})
+            assert len(session.new) == 1  # no_autoflush holds it, as for execute
+        session.rollback()
