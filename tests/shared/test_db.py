@@ -23,7 +23,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -235,7 +235,9 @@ def _scratch_statements(table: str) -> tuple[DriverStatement, DriverStatement]:
     insert_row = (
         insert(scratch)
         .values(id=bindparam("id"), doc=bindparam("doc", type_=JSONB))
-        .returning(scratch.c.id, scratch.c.doc, func.clock_timestamp())
+        .returning(
+            scratch.c.id, scratch.c.doc, func.clock_timestamp(), func.gen_random_uuid(type_=UUID)
+        )
     )
     move = update(scratch).where(scratch.c.id == bindparam("old")).values(id=bindparam("new"))
     return DriverStatement(insert_row), DriverStatement(move.returning(scratch.c.id))
@@ -255,6 +257,7 @@ def test_a_driver_statement_answers_what_sqlalchemy_answers(
     assert through_sqlalchemy[:2] == (2, {"a": [1, "b"]})
     assert on_driver[2].tzinfo is not None
     assert through_sqlalchemy[2].tzinfo is not None
+    assert isinstance(on_driver[3], uuid.UUID)  # as JobRecord's id needs it
     assert [type(v) for v in on_driver] == [type(v) for v in through_sqlalchemy]
 
 
