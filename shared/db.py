@@ -190,7 +190,7 @@ class DriverStatement:
     run sends that SQL with the caller's parameters through the cursor and returns the
     first row, skipping SQLAlchemy's execution (compiled-cache lookup, parameter and
     result processing, the execution context): for a canary's lease and finish in the
-    worker that was 2.76 → 2.45 million instructions per job (callgrind, in process).
+    worker that was 2.76 → 2.43 million instructions per job (callgrind, in process).
     The caller's values must be what psycopg2 adapts itself (UUIDs: SQLAlchemy's
     psycopg2 dialect registers them); JSON-typed parameters are wrapped here.
 
