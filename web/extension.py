@@ -48,7 +48,7 @@ class Conveyor:
         self.db.engine.dispose()
         self.probe_engine.dispose()
         self.probe_redis.close()
-        self.publisher.app.close()
+        self.publisher.close()
 
 
 def init_conveyor(app: Flask, settings: Settings) -> Conveyor:

@@ -117,3 +117,85 @@ def test_other_brokers_keep_celerys_declarations(settings: Settings) -> None:
     amqp = settings.model_copy(update={"redis_url": "amqp://guest@127.0.0.1:5672//"})
     assert Publisher(amqp)._declare is None
     assert Publisher(settings)._declare == []
+
+
+def _decoded(envelope: dict[str, Any]) -> dict[str, Any]:
+    """An envelope with its body decoded and the per-message delivery tag left out."""
+    properties = dict(envelope["properties"])
+    tag = properties.pop("delivery_tag")
+    uuid.UUID(tag)  # kombu's tag: a fresh uuid per message
+    body = json.loads(base64.b64decode(envelope["body"]))
+    return {**envelope, "properties": properties, "body": body}
+
+
+def test_the_sender_writes_what_send_task_writes(settings: Settings) -> None:
+    """shared.broker.TaskSender against Celery's send_task on the installed Celery and kombu:
+    the same task message on the queue's list and the same task-sent event on the same
+    topic, field by field (the delivery tag, the event's time and Lamport clock aside)."""
+    publisher = Publisher(settings)
+    assert publisher._sender is not None
+    assert publisher._sender.handles("conveyor.canary.run")
+    client = redis.Redis.from_url(settings.redis_url or "")
+    events = client.pubsub()
+    queue = f"test-broker-{uuid.uuid4().hex}"
+    job_id = str(uuid.uuid4())
+    headers = {"request_id": "req-contract"}
+    try:
+        events.psubscribe("*celeryev*")
+        events.get_message(timeout=1)  # the subscription's confirmation
+        publisher.send("conveyor.canary.run", queue, job_id, headers)  # the sender
+        publisher.app.send_task(  # Celery's own path, as Publisher used it before
+            "conveyor.canary.run",
+            args=[job_id],
+            task_id=job_id,
+            queue=queue,
+            headers=headers,
+            declare=[],
+        )
+        ours, celerys = (json.loads(m) for m in client.lrange(queue, 0, -1)[::-1])
+        assert _decoded(ours) == _decoded(celerys)
+        assert _decoded(ours)["headers"]["id"] == job_id
+        assert _decoded(ours)["headers"]["request_id"] == "req-contract"
+
+        published: list[tuple[bytes, dict[str, Any]]] = []
+        deadline = time.monotonic() + 10
+        while len(published) < 2 and time.monotonic() < deadline:
+            message = events.get_message(timeout=0.5)
+            if message and message["type"] == "pmessage" and _sent_task_id(message["data"]):
+                published.append((message["channel"], _decoded(json.loads(message["data"]))))
+        (our_topic, our_event), (celery_topic, celery_event) = published
+        assert our_topic == celery_topic
+        bodies = [event.pop("body") for event in (our_event, celery_event)]
+        assert our_event == celery_event
+        assert bodies[1]["clock"] > bodies[0]["clock"]  # one Lamport clock for both paths
+        for body in bodies:
+            del body["timestamp"], body["clock"]
+        assert bodies[0] == bodies[1]
+        assert bodies[0]["uuid"] == job_id
+        assert bodies[0]["type"] == "task-sent"
+    finally:
+        client.delete(queue)
+        events.close()
+        client.close()
+        publisher.close()
+
+
+def test_the_sender_leaves_known_tasks_and_other_transports_to_celery(
+    settings: Settings,
+) -> None:
+    """Tasks the app registered (the worker's, with their time limits) and kombu's own
+    transport go through send_task."""
+    app = make_celery(settings)
+
+    @app.task(name="tests.known", time_limit=10)
+    def known() -> None:
+        """A task with options of its own."""
+
+    publisher = Publisher(settings, app=app)
+    assert publisher._sender is not None
+    assert not publisher._sender.handles("tests.known")
+    assert publisher._sender.handles("conveyor.canary.run")
+    publisher.close()
+    stock = Publisher(settings.model_copy(update={"broker_transport": "kombu"}))
+    assert stock._sender is None
+    stock.close()
