@@ -460,7 +460,10 @@ def cpu_sampler(s: Stack, worker: Child, load: list[int]) -> RssSampler:
     web = [child for child in s.children if child.name == "web"]
     own = os.getpid()
     extra = {**s.service_pids, "load generator": lambda: [own, *load]}
-    return RssSampler({"web": web, "worker": [worker]}, extra)
+    # CPU times are running totals: one sample a second is enough, and the sampler is part
+    # of the load generator's CPU (ten a second took a tenth of a core: each lists the
+    # process trees and asks PostgreSQL for its backends).
+    return RssSampler({"web": web, "worker": [worker]}, extra, interval=1.0)
 
 
 def cpu_ms_per_job(sampler: RssSampler, n: int) -> dict[str, float]:
