@@ -129,8 +129,8 @@ class Publisher:
         # On Conveyor's own transport (redis://), a task the app has no options for goes
         # out with its task-sent event in one round trip (shared.broker.TaskSender).
         self._sender: TaskSender | None = None
-        if self.app.conf.broker_transport == TRANSPORT and settings.redis_url:
-            self._sender = TaskSender(self.app, settings.redis_url, settings.redis_socket_timeout_s)
+        if self.app.conf.broker_transport == TRANSPORT:
+            self._sender = TaskSender(self.app)
 
     def publish(self, kind: str, job_id: str, headers: dict[str, str] | None = None) -> None:
         """Send the job's task, or raise PublishError within a few seconds."""

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import redis
+from celery import signals
 
 from shared.queue import Publisher, celery_config, make_celery
 from shared.settings import Settings
@@ -199,3 +200,34 @@ def test_the_sender_leaves_known_tasks_and_other_transports_to_celery(
     stock = Publisher(settings.model_copy(update={"broker_transport": "kombu"}))
     assert stock._sender is None
     stock.close()
+
+
+def test_the_sender_sends_celerys_publish_signals(settings: Settings) -> None:
+    """What a before_task_publish receiver adds to the headers (OpenTelemetry's trace
+    context, say) rides in the message; after_task_publish follows the write."""
+    publisher = Publisher(settings)
+    client = redis.Redis.from_url(settings.redis_url or "")
+    queue = f"test-broker-{uuid.uuid4().hex}"
+    job_id = str(uuid.uuid4())
+    seen: list[tuple[str, str]] = []
+
+    def before(sender: str, headers: dict[str, Any], **_: Any) -> None:
+        headers["x-added"] = "by a receiver"
+        seen.append(("before", sender))
+
+    def after(sender: str, headers: dict[str, Any], **_: Any) -> None:
+        seen.append(("after", str(client.llen(queue))))
+
+    signals.before_task_publish.connect(before)
+    signals.after_task_publish.connect(after)
+    try:
+        publisher.send("conveyor.canary.run", queue, job_id)
+        (message,) = (json.loads(m) for m in client.lrange(queue, 0, -1))
+        assert message["headers"]["x-added"] == "by a receiver"
+        assert seen == [("before", "conveyor.canary.run"), ("after", "1")]
+    finally:
+        signals.before_task_publish.disconnect(before)
+        signals.after_task_publish.disconnect(after)
+        client.delete(queue)
+        client.close()
+        publisher.close()
