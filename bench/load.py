@@ -13,10 +13,11 @@ benchmark database:
    ladder on the bare ``/healthz`` endpoint of the same server is the baseline.
 3. **Job path**: ``POST /api/v1/canaries`` at p99 ≤ 50 ms against Flower's
    ``POST /api/task/async-apply`` on the same broker (no worker running, so both measure
-   enqueueing only); then canary jobs/s from HTTP submit to ``SUCCESS`` against raw Celery
-   (``send_task`` of Celery's built-in ``celery.accumulate``, a no-op) drained by the same
-   worker settings, timed by the worker's own task events. The two run in turn three
-   times (once with ``--quick``); the ratio is the median of the three pairs' ratios.
+   enqueueing only; Flower starts after Conveyor's ladder, see ``run_jobs``); then
+   canary jobs/s from HTTP submit to ``SUCCESS`` against raw Celery (``send_task`` of
+   Celery's built-in ``celery.accumulate``, a no-op) drained by the same worker settings,
+   timed by the worker's own task events. The two run in turn five times (once with
+   ``--quick``); the ratio is the median of the pairs' ratios.
 
 Results go to ``.conveyor/bench/load.json``. Tools: ``wrk`` and ``hey`` (Debian packages) and locust
 (in ``.conveyor/bench/tools``); ``make bench-tools`` installs both.
@@ -588,6 +589,18 @@ def _purge(settings: Settings) -> None:
 def run_jobs(s: Stack, quick: bool) -> dict[str, Any]:
     """Phase 3: enqueue rate against Flower, then end-to-end jobs/s against raw Celery."""
     seconds = 3 if quick else 5
+    canary_request: dict[str, Any] = {
+        "url": s.base + "/api/v1/canaries",
+        "method": "POST",
+        "headers": _auth(s),
+        "body": "{}",
+    }
+    # Each side's ladder runs with only its own processes on the cores. Flower consumes
+    # every task-sent event on the broker, Conveyor's too: running during Conveyor's ladder
+    # it took 0.29 cores (0.31 ms of CPU per submission) and Conveyor's 16-connection
+    # step fell from 1,050 to 922 req/s, p99 39 → 58 ms (measured 2026-12-01). Flower's
+    # own ladder still pays for its own events, as Flower does wherever it runs.
+    canary = _climb_enqueue(s, "POST /api/v1/canaries", seconds, canary_request)
     flower = s.start(
         Child(
             "flower",
@@ -599,19 +612,12 @@ def run_jobs(s: Stack, quick: bool) -> dict[str, Any]:
     flower_base = f"http://127.0.0.1:{s.settings.flower_port}"
     basic = f"{s.settings.flower_user}:{s.settings.secret('flower_password')}"
     wait_http_ok(flower_base + "/healthcheck", flower)
-    canary_request: dict[str, Any] = {
-        "url": s.base + "/api/v1/canaries",
-        "method": "POST",
-        "headers": _auth(s),
-        "body": "{}",
-    }
     flower_request: dict[str, Any] = {
         "url": flower_base + "/api/task/async-apply/conveyor.canary.run",
         "method": "POST",
         "body": json.dumps({"args": [str(uuid.uuid4())]}),
         "basic_auth": basic,
     }
-    canary = _climb_enqueue(s, "POST /api/v1/canaries", seconds, canary_request)
     flower_ladder = _climb_enqueue(s, "Flower async-apply", seconds, flower_request)
     s.stop(flower)
     with s.engine.begin() as conn:
@@ -763,15 +769,18 @@ def print_peak(web: str, cached: Ladder, bare: Ladder) -> dict[str, Any]:
 def print_jobs(result: dict[str, Any]) -> dict[str, Any]:
     canary = (result["canary_enqueue"] or {}).get("achieved", 0.0)
     flower = (result["flower_enqueue"] or {}).get("achieved", 0.0)
-    # Flower may hold no step within the bound at all (one connection already past it, as
-    # when the shared machine slows down): then the ratio at the bound is undefined, not
-    # met, and the best rate of any step says more.
+    # Flower often holds no step within the bound at all, at any load: a full garbage
+    # collection over its in-memory event state pauses it every 5-10 s, 75 ms at first and
+    # 400 ms a minute later (measured 2026-12-01), so a 5-s step passes only when no pause
+    # falls in it. Then the ratio at the bound is undefined; Conveyor within the bound
+    # against Flower's best step at any p99 is defined every run and can only favour Flower.
     enqueue_ratio = canary / flower if flower else 0.0
     best = {
         name: max((x["achieved"] for x in result[f"{name}_steps"]), default=0.0)
         for name in ("canary", "flower")
     }
     best_ratio = best["canary"] / best["flower"] if best["flower"] else 0.0
+    strict_ratio = canary / best["flower"] if best["flower"] else 0.0
     ratios = [x["ratio"] for x in result["job_rounds"]]
     jobs_ratio = statistics.median(ratios)
     spread = f" ({min(ratios):.2f} to {max(ratios):.2f})" if len(ratios) > 1 else ""
@@ -786,13 +795,21 @@ def print_jobs(result: dict[str, Any]) -> dict[str, Any]:
             f"  {name} enqueue steps{second} (closed loop, connections 1, 2, 4 …): "
             + ", ".join(f"{x['achieved']:,.0f} req/s p99 {_ms(x['p99_s'])} ms" for x in steps)
         )
+    bound = f"p99 ≤ {ENQUEUE_P99_S * 1000:.0f} ms"
     table.add_row(
-        f"enqueue req/s at p99 ≤ {ENQUEUE_P99_S * 1000:.0f} ms",
+        f"enqueue req/s at {bound}",
         f"{canary:,.0f} (POST /api/v1/canaries)",
         f"{flower:,.0f} (Flower async-apply)" + ("" if flower else ": no step within the bound"),
         "n/a" if not flower else f"{enqueue_ratio:.2f}",
         f"≥ {TARGET_CANARY_OVER_FLOWER} "
-        + (_mark(enqueue_ratio >= TARGET_CANARY_OVER_FLOWER) if flower else "? (rerun)"),
+        + (_mark(enqueue_ratio >= TARGET_CANARY_OVER_FLOWER) if flower else "(next row)"),
+    )
+    table.add_row(
+        f"enqueue req/s, Conveyor at {bound}, Flower at any p99",
+        f"{canary:,.0f}",
+        f"{best['flower']:,.0f}",
+        f"{strict_ratio:.2f}",
+        f"≥ {TARGET_CANARY_OVER_FLOWER} {_mark(strict_ratio >= TARGET_CANARY_OVER_FLOWER)}",
     )
     table.add_row(
         "enqueue req/s, best step at any p99",
@@ -814,6 +831,7 @@ def print_jobs(result: dict[str, Any]) -> dict[str, Any]:
     return {
         "enqueue_ratio": None if not flower else round(enqueue_ratio, 3),
         "enqueue_best_ratio": round(best_ratio, 3),
+        "enqueue_ratio_flower_unbounded": round(strict_ratio, 3),
         "jobs_ratio": round(jobs_ratio, 3),
     }
 
