@@ -15,6 +15,7 @@ from urllib.parse import urlencode
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
+from shared import counts
 from shared.models import Feature, TestCase
 from shared.pages import page_body
 
@@ -100,8 +101,7 @@ def features_page(
     session: Session, page: int, page_size: int, status: str | None, base: str = ""
 ) -> dict[str, Any]:
     """One page of features with the total and next/prev links."""
-    conditions = [Feature.status == status] if status else []
-    total = session.scalar(select(func.count()).select_from(Feature).where(*conditions)) or 0
+    total = counts.total(session, "features", status)
     rows = session.scalars(
         features_query(status).offset((page - 1) * page_size).limit(page_size)
     ).all()
@@ -133,7 +133,10 @@ def test_cases_page(
         conditions.append(TestCase.feature_id == feature_id)
     if status:
         conditions.append(TestCase.status == status)
-    total = session.scalar(select(func.count()).select_from(TestCase).where(*conditions)) or 0
+    if feature_id is None:
+        total = counts.total(session, "test_cases", status)
+    else:  # a feature's own test cases: ix_test_cases_feature_id finds them
+        total = session.scalar(select(func.count()).select_from(TestCase).where(*conditions)) or 0
     rows = session.scalars(
         select(TestCase)
         .where(*conditions)

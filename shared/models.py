@@ -15,11 +15,13 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Column,
     DateTime,
     ForeignKey,
     Index,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
     func,
@@ -191,6 +193,21 @@ class TestCase(Base):
     )
 
     feature: Mapped[Feature] = relationship(back_populates="test_cases")
+
+
+def _counts_table(name: str) -> Table:
+    # Delta rows, written only by the counted table's triggers (migration 0006), folded by
+    # shared.counts.compact; sum(n) by status is the exact count (shared.counts.total).
+    return Table(
+        name,
+        Base.metadata,
+        Column("status", String(32), nullable=False),
+        Column("n", BigInteger, nullable=False),
+    )
+
+
+feature_counts = _counts_table("feature_counts")
+test_case_counts = _counts_table("test_case_counts")
 
 
 class Environment(Base):

@@ -39,6 +39,7 @@ KINDS: dict[str, TaskRoute] = {
 }
 REAP_TASK = "conveyor.maintenance.reap"
 CLEANUP_TASK = "conveyor.maintenance.cleanup"
+COMPACT_COUNTS_TASK = "conveyor.maintenance.compact_counts"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -80,7 +81,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_queue": "default",
         "task_queues": [Queue(q, routing_key=q) for q in QUEUES],  # type: ignore[no-untyped-call]
         "task_routes": {route.name: {"queue": route.queue} for route in KINDS.values()}
-        | {REAP_TASK: {"queue": "default"}, CLEANUP_TASK: {"queue": "default"}},
+        | {task: {"queue": "default"} for task in (REAP_TASK, CLEANUP_TASK, COMPACT_COUNTS_TASK)},
         "task_publish_retry_policy": {
             "max_retries": 2,
             "interval_start": 0,

@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     upload_compression: Literal["gzip", "identity"] = "gzip"
     upload_retention_s: int = 3600  # finished imports' files are deleted after this grace
     cleanup_interval_s: float = 300.0
+    # How often beat folds the row-count deltas (shared/counts.py): a list's total sums
+    # what piled up since, one row per write statement and status.
+    count_compact_interval_s: float = 30.0
     # Test-only fault injection, e.g. "after_copy:3" kills the worker process after the
     # third chunk's rows are written but before COMMIT. Ignored unless env == "test".
     fault: str | None = None

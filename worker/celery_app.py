@@ -27,7 +27,14 @@ from celery import Celery, signals
 from shared import metrics
 from shared.cache import WARM_TASK
 from shared.logs import configure_logging
-from shared.queue import CLEANUP_TASK, REAP_TASK, forget_worker, make_celery, record_heartbeat
+from shared.queue import (
+    CLEANUP_TASK,
+    COMPACT_COUNTS_TASK,
+    REAP_TASK,
+    forget_worker,
+    make_celery,
+    record_heartbeat,
+)
 from shared.tracing import init_tracing, shutdown_tracing
 from worker import runtime
 
@@ -51,6 +58,10 @@ app.conf.beat_schedule = {
         "schedule": runtime.settings().cleanup_interval_s,
     },
     "warm-cache": {"task": WARM_TASK, "schedule": runtime.settings().cache_warm_interval_s},
+    "compact-counts": {
+        "task": COMPACT_COUNTS_TASK,
+        "schedule": runtime.settings().count_compact_interval_s,
+    },
 }
 
 

@@ -1,5 +1,5 @@
-"""Periodic maintenance run by beat: the reaper (jobs, then deployments they left) and the
-cleanup of uploaded files."""
+"""Periodic maintenance run by beat: the reaper (jobs, then deployments they left), the
+cleanup of uploaded files, and the fold of the row-count deltas."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from celery import Task
 from sqlalchemy import and_, exists, or_, select
 from sqlalchemy.orm import Session
 
-from shared import deployments, jobs, storage
+from shared import counts, deployments, jobs, storage
 from shared.models import FINISHED_STATES, ImportRun, Job, Upload
-from shared.queue import CLEANUP_TASK, REAP_TASK
+from shared.queue import CLEANUP_TASK, COMPACT_COUNTS_TASK, REAP_TASK
 from worker import runtime
 from worker.deployments import after_release
 from worker.tasks import job_task
@@ -81,3 +81,12 @@ def cleanup(self: Task) -> int:
     if deleted:
         log.info("deleted uploaded files", extra={"uploads": deleted})
     return deleted
+
+
+@job_task(COMPACT_COUNTS_TASK, soft_time_limit=60, time_limit=90)
+def compact_counts(self: Task) -> dict[str, int]:
+    """Fold the row-count deltas of features and test cases (shared/counts.py)."""
+    removed = counts.compact(runtime.database().engine)
+    if any(removed.values()):
+        log.debug("row-count deltas folded", extra={"removed": removed})
+    return removed

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import func, select, update
 
-from shared import jobs
+from shared import counts, jobs
 from shared.db import Database
 from shared.models import Feature, ImportRun, Job, TestCase
 from shared.settings import Settings
@@ -425,3 +425,38 @@ def test_finished_imports_files_are_deleted_after_the_grace(
     assert uploads[done.id].deleted_at is not None
     assert uploads[pending].deleted_at is None
     assert lo_count == 0
+
+
+def test_list_totals_follow_an_import_on_its_copy_and_upsert_paths(
+    settings: Settings, committed_db: Database
+) -> None:
+    """The row counts' triggers (shared/counts.py) see what both write paths do."""
+
+    def totals() -> dict[str | None, tuple[int, int]]:
+        with committed_db.session() as s:
+            real = dict(
+                s.execute(select(Feature.status, func.count()).group_by(Feature.status)).all()
+            )
+            real[None] = sum(real.values())
+            return {
+                status: (counts.total(s, "features", status), real.get(status, 0))
+                for status in (None, "planned", "done", "testing")
+            }
+
+    first = run_directly(
+        committed_db, settings, create_import(committed_db, settings, HEADER + feature_rows(1200))
+    )
+    assert first.state == "SUCCESS", first.error
+    assert totals()[None] == (1200, 1200)
+    moved = b"".join(f"F-{i},Feature {i},,done,{i % 7},\n".encode() for i in range(600))
+    changed = HEADER + moved + feature_rows(10, start=1200)
+    second = run_directly(committed_db, settings, create_import(committed_db, settings, changed))
+    assert second.state == "SUCCESS", second.error
+    assert second.result is not None
+    assert (second.result["rows_inserted"], second.result["rows_updated"]) == (10, 600)
+    assert totals() == {
+        None: (1210, 1210),
+        "planned": (610, 610),
+        "done": (600, 600),
+        "testing": (0, 0),
+    }
