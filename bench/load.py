@@ -55,7 +55,7 @@ from sqlalchemy.pool import NullPool
 
 from bench.processes import Child, RssSampler, child_env, free_port, wait_http_ok, wait_log
 from bench.services import BenchServices, bench_services
-from shared.cli import flower_command, flower_env, web_command, worker_command
+from shared.cli import beat_command, flower_command, flower_env, web_command, worker_command
 from shared.models import TokenScope
 from shared.queue import UNACKED_KEY, celery_config, queue_depths
 from shared.settings import Settings
@@ -323,9 +323,22 @@ class SeedResult:
 
 
 def run_seed(s: Stack, quick: bool) -> SeedResult:
-    """The locust run of bench/locustfile.py against the live stack."""
+    """The locust run of bench/locustfile.py against the live stack, with beat and a worker
+    running as ``conveyor run`` deploys them: beat's tasks are part of what the scenario
+    costs (folding the list totals' deltas every ``count_compact_interval_s``, warming the
+    cache, reaping)."""
     if not LOCUST.exists():
         raise RuntimeError(f"{LOCUST} is missing: run `make bench-tools`")
+    beat = s.start(Child("beat", beat_command(s.settings), s.env, s.log_dir / "beat.log"))
+    worker = _start_worker(s, stock=False, round_no=0, name="worker-seed")
+    try:
+        return _run_locust(s, quick)
+    finally:
+        s.stop(worker)
+        s.stop(beat)
+
+
+def _run_locust(s: Stack, quick: bool) -> SeedResult:
     prefix = s.log_dir / "seed"
     env = {
         **s.env,
@@ -428,10 +441,11 @@ def _climb_enqueue(s: Stack, label: str, seconds: float, request: dict[str, Any]
     return ladder
 
 
-def _start_worker(s: Stack, stock: bool, round_no: int) -> Child:
+def _start_worker(s: Stack, stock: bool, round_no: int, name: str = "") -> Child:
     """The worker draining a round, the same settings for both sides; the raw side's on
     kombu's own transport (``STOCK_KOMBU``), so the baseline is Celery as its users run it."""
-    name = f"worker-{'raw' if stock else 'canary'}-{round_no}"  # a new log: wait_log reads all
+    # A new log each time: wait_log reads all of it.
+    name = name or f"worker-{'raw' if stock else 'canary'}-{round_no}"
     worker = s.start(
         Child(
             name,
