@@ -25,8 +25,8 @@ depends_on: str | Sequence[str] | None = None
 
 COUNTED = {"features": "feature_counts", "test_cases": "test_case_counts"}
 
-# {table}: the counted table; {counts}: its delta table. Transition tables need one
-# trigger per event.
+# Each body writes to {counts}, the counted table's delta table. Transition tables need
+# one trigger (and here one function) per event.
 _FUNCTIONS = {
     "insert": """
         INSERT INTO {counts} (status, n) SELECT status, count(*) FROM new_rows GROUP BY status;
